@@ -1,0 +1,3 @@
+from ctsync.cli.main import main
+
+main()

@@ -1,0 +1,161 @@
+"""conntrack(8)-style entry filters for ``ctsync show ...``: parsing and a pure predicate.
+
+The flags and their meaning follow ``conntrack -L``: every filter applies to the *original*
+direction, all given filters must match (AND), and ``--mark MARK/MASK`` matches when
+``entry.mark & MASK == MARK`` (so a MARK with bits outside MASK matches nothing, as in
+conntrack). Where the kernel leaves an attribute out of a dump because it
+holds the default value, the default is used: no mark is mark 0, no zone is zone 0.
+
+The parsers raise :class:`ValueError` with a message fit for a usage error; the CLI turns
+it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from ctsync.cli.render import SHOWN_PORT_PROTOCOLS
+from ctsync.core.entry import (
+    AF_INET,
+    PROTO_NUMBERS,
+    DccpState,
+    Entry,
+    SctpState,
+    TcpState,
+    state_name,
+)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+U32_MAX = 0xFFFFFFFF
+U16_MAX = 0xFFFF
+
+# State names --state accepts: conntrack's TCP names plus the SCTP and DCCP ones ctsync
+# knows. LISTEN is conntrack's historical name for SYN_SENT2 (Linux >= 2.6.31).
+STATE_NAMES = frozenset(
+    {s.name for s in TcpState} | {s.name for s in SctpState} | {s.name for s in DccpState}
+)
+_STATE_ALIASES = {"LISTEN": "SYN_SENT2"}
+
+
+def parse_proto(text: str) -> int:
+    """A protocol name (tcp, udp, icmp, icmpv6/icmp6, ...) or number 0-255."""
+    value = text.strip().lower()
+    if value in PROTO_NUMBERS:
+        return PROTO_NUMBERS[value]
+    try:
+        number = int(value, 10)
+    except ValueError:
+        known = ", ".join(sorted(PROTO_NUMBERS))
+        raise ValueError(f"unknown protocol {text!r} (use a number or one of: {known})") from None
+    if not 0 <= number <= 255:
+        raise ValueError(f"protocol number {number} out of range 0-255")
+    return number
+
+
+def parse_network(text: str) -> IPNetwork:
+    """``ADDR`` or ``ADDR/PREFIX``; host bits are allowed (``192.0.2.7/24`` = 192.0.2.0/24)."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IPv4/IPv6 address or ADDR/PREFIX") from None
+
+
+def parse_port(text: str) -> int:
+    try:
+        port = int(text.strip(), 10)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= U16_MAX:
+        raise ValueError(f"port {port} out of range 0-65535")
+    return port
+
+
+def _parse_u32(text: str, what: str) -> int:
+    try:
+        value = int(text.strip(), 0)  # decimal, 0x hex, 0o octal (conntrack uses strtoul base 0)
+    except ValueError:
+        raise ValueError(f"{what} {text!r} is not a number") from None
+    if not 0 <= value <= U32_MAX:
+        raise ValueError(f"{what} {text!r} out of range 0-{U32_MAX:#x}")
+    return value
+
+
+def parse_mark(text: str) -> tuple[int, int]:
+    """``MARK`` or ``MARK/MASK`` (decimal or 0x-hex) as ``(mark, mask)``."""
+    mark_text, sep, mask_text = text.partition("/")
+    mark = _parse_u32(mark_text, "mark")
+    mask = _parse_u32(mask_text, "mask") if sep else U32_MAX
+    return mark, mask
+
+
+def parse_zone(text: str) -> int:
+    try:
+        zone = int(text.strip(), 0)
+    except ValueError:
+        raise ValueError(f"zone {text!r} is not a number") from None
+    if not 0 <= zone <= U16_MAX:
+        raise ValueError(f"zone {zone} out of range 0-65535")
+    return zone
+
+
+def parse_state(text: str) -> str:
+    """A TCP (or SCTP/DCCP) state name, case-insensitive, as :func:`state_name` spells it."""
+    name = text.strip().upper().replace("-", "_")
+    name = _STATE_ALIASES.get(name, name)
+    if name not in STATE_NAMES:
+        known = ", ".join(TcpState.__members__)
+        raise ValueError(f"unknown state {text!r} (TCP states: {known})")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class EntryFilter:
+    """The conjunction of conntrack(8)-style filters; ``None`` means "any"."""
+
+    proto: int | None = None
+    src: IPNetwork | None = None
+    dst: IPNetwork | None = None
+    sport: int | None = None
+    dport: int | None = None
+    mark: int | None = None
+    mark_mask: int = U32_MAX
+    zone: int | None = None
+    state: str | None = None
+
+    def matches(self, entry: Entry) -> bool:
+        orig = entry.orig
+        if self.proto is not None and orig.proto != self.proto:
+            return False
+        if (self.sport is not None or self.dport is not None) and (
+            orig.proto not in SHOWN_PORT_PROTOCOLS
+        ):
+            return False
+        if self.sport is not None and orig.sport != self.sport:
+            return False
+        if self.dport is not None and orig.dport != self.dport:
+            return False
+        if self.src is not None and not _in_network(orig.family, orig.src, self.src):
+            return False
+        if self.dst is not None and not _in_network(orig.family, orig.dst, self.dst):
+            return False
+        if self.mark is not None and ((entry.mark or 0) & self.mark_mask) != self.mark:
+            return False
+        if self.zone is not None and (entry.zone or 0) != self.zone:
+            return False
+        return self.state is None or state_name(entry) == self.state
+
+    def __call__(self, entry: Entry) -> bool:
+        return self.matches(entry)
+
+    @property
+    def is_empty(self) -> bool:
+        return self == EntryFilter()
+
+
+def _in_network(family: int, raw: bytes, network: IPNetwork) -> bool:
+    if (network.version == 4) != (family == AF_INET):
+        return False
+    netmask = int(network.netmask)
+    return int.from_bytes(raw, "big") & netmask == int(network.network_address)

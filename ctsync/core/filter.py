@@ -1,0 +1,126 @@
+"""Which conntrack entries a cache takes: accept-protocol, ignore-address, TCP states.
+
+Semantics follow conntrackd's userspace filter (src/filter.c), which VyOS drives:
+- ``accept-protocol``: only these IP protocols pass (empty = all);
+- ``ignore-address``: an entry is dropped when its original source or its reply source
+  (the real endpoints, whatever NAT did) is in one of the addresses/prefixes;
+- TCP states: only TCP entries in these states pass (empty = all); other protocols pass.
+
+Filters work on record keys and values (see ``ctsync.core.record``) so the event path
+never builds an Entry.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ctsync.core import record
+from ctsync.core.entry import IPPROTO_TCP, PROTO_NUMBERS, TcpState
+
+
+def parse_protocol(name: str) -> int:
+    """A protocol name as VyOS/conntrackd spell it (tcp, udp, icmp, icmp6, ...) or a number."""
+    text = name.strip().lower()
+    if text.isdigit() and 0 <= int(text) <= 255:
+        return int(text)
+    aliases = {"ipv6-icmp": "icmpv6", "icmp6": "icmpv6"}
+    number = PROTO_NUMBERS.get(aliases.get(text, text))
+    if number is None:
+        raise ValueError(f"unknown protocol {name!r}")
+    return number
+
+
+def parse_tcp_state(name: str) -> int:
+    text = name.strip().upper().replace("-", "_")
+    if text == "LISTEN":
+        return TcpState.SYN_SENT2
+    try:
+        return TcpState[text]
+    except KeyError:
+        raise ValueError(f"unknown TCP state {name!r}") from None
+
+
+@dataclass(frozen=True)
+class EntryFilter:
+    """A compiled filter. Build it with :meth:`build`; test records with :meth:`accepts`."""
+
+    protocols: frozenset[int] = frozenset()
+    exact_addresses: frozenset[bytes] = frozenset()
+    networks: tuple[tuple[int, int, int], ...] = ()  # (address length, network int, prefix)
+    tcp_states: frozenset[int] = frozenset()
+    description: dict[str, list[str]] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def build(
+        cls,
+        accept_protocols: Iterable[str | int] = (),
+        ignore_addresses: Iterable[str] = (),
+        tcp_states: Iterable[str | int] = (),
+    ) -> EntryFilter:
+        """Compile config values; raises ValueError naming the bad value."""
+        protocols = frozenset(
+            p if isinstance(p, int) else parse_protocol(p) for p in accept_protocols
+        )
+        exact: set[bytes] = set()
+        networks: list[tuple[int, int, int]] = []
+        ignored = list(ignore_addresses)
+        for text in ignored:
+            try:
+                net = ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ValueError(f"invalid address or prefix {text!r}") from None
+            size = 4 if net.version == 4 else 16
+            if net.prefixlen == size * 8:
+                exact.add(net.network_address.packed)
+            else:
+                networks.append((size, int(net.network_address), net.prefixlen))
+        states = frozenset(s if isinstance(s, int) else parse_tcp_state(s) for s in tcp_states)
+        return cls(
+            protocols,
+            frozenset(exact),
+            tuple(networks),
+            states,
+            {
+                "accept_protocol": [str(p) for p in accept_protocols],
+                "ignore_address": ignored,
+                "tcp_states": [str(s) for s in tcp_states],
+            },
+        )
+
+    @property
+    def accepts_all(self) -> bool:
+        return not (self.protocols or self.exact_addresses or self.networks or self.tcp_states)
+
+    def address_ignored(self, address: bytes) -> bool:
+        if address in self.exact_addresses:
+            return True
+        if self.networks:
+            size = len(address)
+            value = int.from_bytes(address, "big")
+            for net_size, network, prefix in self.networks:
+                if net_size == size and value >> (size * 8 - prefix) == network >> (
+                    size * 8 - prefix
+                ):
+                    return True
+        return False
+
+    def accepts(self, key: bytes, value: bytes) -> bool:
+        """Whether a record passes. ``value`` may be a fresh one built from an event."""
+        if self.protocols and record.key_proto(key) not in self.protocols:
+            return False
+        if self.exact_addresses or self.networks:
+            src, _ = record.key_addresses(key)
+            if self.address_ignored(src) or self.address_ignored(record.reply_src(key, value)):
+                return False
+        if self.tcp_states:
+            state = record.tcp_state(value)
+            if state is not None and state not in self.tcp_states:
+                return False
+            if state is None and record.key_proto(key) == IPPROTO_TCP:
+                return False  # a TCP entry whose state we do not know yet
+        return True
+
+
+ACCEPT_ALL = EntryFilter()

@@ -1,0 +1,630 @@
+"""ctnetlink sockets: live events, dumps, batched commits, deletes and flushes.
+
+Thin adapters over raw AF_NETLINK/NETLINK_NETFILTER sockets (no pyroute2 on this path; see
+DESIGN.md for the measured reasons). Everything works in the network namespace the process
+runs in. Three sockets per table, as conntrackd has:
+
+- the event socket (multicast groups NEW/UPDATE/DESTROY, optionally expectations), read
+  by the asyncio loop with ``add_reader``; its receive buffer is forced beyond rmem_max
+  (SO_RCVBUFFORCE) and grows on overrun;
+- a dump socket, for the initial dump and for reconciliation after lost events;
+- a commit socket, whose port id marks the events our own writes cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from ctsync.core import commit as commit_codec
+from ctsync.core import ctnetlink as nl
+from ctsync.core import record
+from ctsync.core.cache import Cache, Change
+from ctsync.core.ctnetlink import CtnetlinkError
+from ctsync.core.entry import AF_INET6, CtTuple, Entry, Expectation
+
+log = logging.getLogger("ctsync.netlink")
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_DROP_MEMBERSHIP = 2
+NETLINK_BROADCAST_ERROR = 4
+NETLINK_NO_ENOBUFS = 5
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+
+CT_GROUPS = (
+    1 << (nl.NFNLGRP_CONNTRACK_NEW - 1)
+    | 1 << (nl.NFNLGRP_CONNTRACK_UPDATE - 1)
+    | 1 << (nl.NFNLGRP_CONNTRACK_DESTROY - 1)
+)
+EXP_GROUPS = (
+    1 << (nl.NFNLGRP_CONNTRACK_EXP_NEW - 1)
+    | 1 << (nl.NFNLGRP_CONNTRACK_EXP_UPDATE - 1)
+    | 1 << (nl.NFNLGRP_CONNTRACK_EXP_DESTROY - 1)
+)
+
+_HDR = struct.Struct("=IHHII")
+_RECV_SIZE = 1 << 17  # a dump skb is at most 32 KiB; events are small
+
+
+class NetlinkError(OSError):
+    """The kernel refused a request (errno from NLMSG_ERROR)."""
+
+
+def open_socket(groups: int = 0, rcvbuf: int = 0) -> socket.socket:
+    """A bound, blocking NETLINK_NETFILTER socket in the current network namespace."""
+    sock = socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+    )
+    try:
+        if rcvbuf:
+            set_receive_buffer(sock, rcvbuf)
+        # Error replies carry only the header of the failed request, not all of it.
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        sock.bind((0, groups))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def set_receive_buffer(sock: socket.socket, size: int) -> int:
+    """Set the receive buffer, beyond rmem_max where we may; returns the effective size."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    effective: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return effective
+
+
+def portid(sock: socket.socket) -> int:
+    pid: int = sock.getsockname()[0]
+    return pid
+
+
+def set_conntrack_events(enabled: bool = True) -> bool:
+    """Turn on nf_conntrack_events in this namespace (entries made before a listener
+    otherwise never report UPDATE/DESTROY); False if the sysctl cannot be written."""
+    path = "/proc/sys/net/netfilter/nf_conntrack_events"
+    try:
+        with open(path, "w") as f:
+            f.write("1" if enabled else "0")
+    except OSError:
+        return False
+    return True
+
+
+# --- request / dump ---------------------------------------------------------------------
+
+
+class _Seq:
+    def __init__(self) -> None:
+        self._value = int(time.time()) & 0x3FFFFFFF
+
+    def next(self) -> int:
+        self._value = (self._value + 1) & 0xFFFFFFFF
+        return self._value
+
+    def reserve(self, count: int) -> int:
+        """The first of ``count`` consecutive sequence numbers (never wrapping inside)."""
+        if self._value + count + 1 > 0xFFFFFFFF:
+            self._value = 0
+        first = self._value + 1
+        self._value += count
+        return first
+
+
+_seq = _Seq()
+
+
+def request(sock: socket.socket, message: bytes, seq: int) -> None:
+    """Send one request with NLM_F_ACK semantics and raise NetlinkError if it fails."""
+    sock.send(message)
+    buf = bytearray(_RECV_SIZE)
+    while True:
+        n = sock.recv_into(buf)
+        for mtype, _flags, mseq, _pid, start, end in nl.iter_messages(buf, n):
+            if mtype == nl.NLMSG_ERROR and mseq == seq:
+                err, _ = nl.decode_error(buf, start, end)
+                if err:
+                    raise NetlinkError(err, os.strerror(err))
+                return
+
+
+def iter_dump(
+    sock: socket.socket, family: int = 0, *, expectations: bool = False, mark: int | None = None
+) -> Iterator[tuple[bytearray, int, int, int]]:
+    """Yield (buffer, type, start, end) for each message of a dump.
+
+    ``start``/``end`` delimit the ctnetlink attributes. The buffer is reused by the next
+    recv: consume each message before asking for the next one.
+    """
+    seq = _seq.next()
+    sock.send(nl.encode_dump_request(seq, family, expectations=expectations, mark=mark))
+    buf = bytearray(_RECV_SIZE)
+    while True:
+        n = sock.recv_into(buf)
+        for mtype, _flags, mseq, _pid, start, end in nl.iter_messages(buf, n):
+            if mseq != seq:
+                continue
+            if mtype == nl.NLMSG_DONE:
+                return
+            if mtype == nl.NLMSG_ERROR:
+                err, _ = nl.decode_error(buf, start, end)
+                if err:
+                    raise NetlinkError(err, os.strerror(err))
+                return
+            yield buf, mtype, start + nl.NFGEN_HDRLEN, end
+
+
+def dump_table(family: int = 0) -> list[Entry]:
+    """Every conntrack entry of this namespace (family 0: IPv4 and IPv6), fully decoded."""
+    with open_socket() as sock:
+        return [nl.decode_entry(buf, s, e) for buf, _t, s, e in iter_dump(sock, family)]
+
+
+def dump_expectations(family: int = 0) -> list[Expectation]:
+    with open_socket() as sock:
+        return [
+            nl.decode_expectation(buf, s, e)
+            for buf, _t, s, e in iter_dump(sock, family, expectations=True)
+        ]
+
+
+def count_entries() -> int:
+    with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
+        return int(f.read())
+
+
+# --- commit / delete / flush --------------------------------------------------------------
+
+
+@dataclass
+class CommitResult:
+    """What a commit did: conntrackd reports the same totals (-c)."""
+
+    attempted: int = 0
+    committed: int = 0
+    failed: int = 0
+    retried_as_update: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def add_error(self, err: int) -> None:
+        self.failed += 1
+        self.errors[errno.errorcode.get(err, str(err))] += 1
+
+
+class Committer:
+    """Writes entries into the kernel table, many messages per send().
+
+    Only the last message of each batch asks for an ACK: netlink processes a batch in
+    order inside send(), so when that ACK arrives every error of the batch (sent without
+    ACK, errors only) is already queued before it.
+    """
+
+    def __init__(self, sock: socket.socket | None = None, batch: int = 256) -> None:
+        self.sock = sock or open_socket(rcvbuf=4 << 20)
+        self.batch = batch
+        self.portid = portid(self.sock)
+        self._buf = bytearray(_RECV_SIZE)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Committer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def commit_records(
+        self, records: Iterable[tuple[bytes, bytes]], timeout: int | None = None
+    ) -> CommitResult:
+        """Create-or-update each (key, value) record, NAT included; count every failure."""
+        result = CommitResult()
+        started = time.perf_counter()
+        retry: list[tuple[bytes, bytes]] = []
+        self._build_batches(
+            records, timeout, True, result, lambda b: self._flush_batch(b[0], b[1], result, retry)
+        )
+        # A NAT create on an entry that exists already is refused (NAT on an update is
+        # EOPNOTSUPP): commit those as plain updates of the live entry.
+        if retry:
+            result.retried_as_update = len(retry)
+            self._build_batches(
+                retry,
+                timeout,
+                False,
+                result,
+                lambda b: self._flush_batch(b[0], b[1], result, None),
+                count=False,
+            )
+        result.committed = result.attempted - result.failed
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _build_batches(
+        self,
+        records: Iterable[tuple[bytes, bytes]],
+        timeout: int | None,
+        with_nat: bool,
+        result: CommitResult,
+        ship: Callable[[tuple[list[bytes], dict[int, tuple[bytes, bytes]]]], None],
+        *,
+        count: bool = True,
+    ) -> None:
+        # The per-entry loop is the failover's critical path: keep it to the build call.
+        build = commit_codec.commit_message_positional
+        batch = self.batch
+        flags = commit_codec.COMMIT_FLAGS
+        attempted = invalid = 0
+        parts: list[bytes] = []
+        batch_records: list[tuple[bytes, bytes]] = []
+        base = _seq.reserve(batch)
+        for item in records:
+            try:
+                parts.append(build(item[0], item[1], base + len(parts), timeout, flags, with_nat))
+            except CtnetlinkError:
+                invalid += 1
+                continue
+            batch_records.append(item)
+            if len(parts) >= batch:
+                attempted += len(parts)
+                ship((parts, dict(zip(range(base, base + len(parts)), batch_records, strict=True))))
+                parts, batch_records = [], []
+                base = _seq.reserve(batch)
+        if parts:
+            attempted += len(parts)
+            ship((parts, dict(zip(range(base, base + len(parts)), batch_records, strict=True))))
+        if count:
+            result.attempted += attempted + invalid
+        for _ in range(invalid):
+            result.add_error(errno.EINVAL)
+
+    def commit_entries(self, entries: Iterable[Entry], timeout: int | None = None) -> CommitResult:
+        return self.commit_records((record.from_entry(e) for e in entries), timeout)
+
+    def _flush_batch(
+        self,
+        parts: list[bytes],
+        pending: dict[int, tuple[bytes, bytes]],
+        result: CommitResult,
+        retry: list[tuple[bytes, bytes]] | None,
+    ) -> None:
+        # Set NLM_F_ACK on the last message so we know when the batch is done.
+        last = bytearray(parts[-1])
+        flags = struct.unpack_from("=H", last, 6)[0] | nl.NLM_F_ACK
+        struct.pack_into("=H", last, 6, flags)
+        parts[-1] = bytes(last)
+        last_seq = struct.unpack_from("=I", last, 8)[0]
+        self.sock.sendmsg(parts)
+        self._collect(last_seq, pending, result, retry)
+
+    def _collect(
+        self,
+        last_seq: int,
+        pending: dict[int, tuple[bytes, bytes]],
+        result: CommitResult,
+        retry: list[tuple[bytes, bytes]] | None,
+    ) -> None:
+        buf = self._buf
+        while True:
+            n = self.sock.recv_into(buf)
+            for mtype, _f, seq, _pid, start, end in nl.iter_messages(buf, n):
+                if mtype != nl.NLMSG_ERROR:
+                    continue
+                err, _ = nl.decode_error(buf, start, end)
+                if err:
+                    item = pending.get(seq)
+                    if (
+                        retry is not None
+                        and item is not None
+                        and err in (errno.EOPNOTSUPP, errno.EEXIST)
+                        and item[1][0] & record.VAL_REPLY
+                    ):
+                        retry.append(item)
+                    else:
+                        result.add_error(err)
+                if seq == last_seq:
+                    return
+
+    def delete(self, orig: CtTuple, zone: int | None = None, ct_id: int | None = None) -> bool:
+        """Delete one entry; False if it did not exist."""
+        seq = _seq.next()
+        try:
+            request(self.sock, nl.encode_delete(seq, orig, zone, ct_id), seq)
+        except NetlinkError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def delete_many(self, targets: Iterable[tuple[CtTuple, int | None]]) -> tuple[int, int]:
+        """Delete entries in batches; returns (deleted, missing or failed)."""
+        result = CommitResult()
+        parts: list[bytes] = []
+        pending: dict[int, tuple[bytes, bytes]] = {}
+        for orig, zone in targets:
+            result.attempted += 1
+            seq = _seq.next()
+            parts.append(nl.encode_delete(seq, orig, zone, flags=nl.NLM_F_REQUEST))
+            pending[seq] = (b"", b"")
+            if len(parts) >= self.batch:
+                self._flush_batch(parts, pending, result, None)
+                parts, pending = [], {}
+        if parts:
+            self._flush_batch(parts, pending, result, None)
+        return result.attempted - result.failed, result.failed
+
+    def delete_matching(self, predicate: Callable[[Entry], bool], family: int = 0) -> int:
+        """Delete every entry for which ``predicate`` holds; returns how many went."""
+        with open_socket() as dump_sock:
+            targets = [
+                (entry.orig, entry.zone)
+                for entry in (
+                    nl.decode_entry(b, s, e) for b, _t, s, e in iter_dump(dump_sock, family)
+                )
+                if predicate(entry)
+            ]
+        deleted, _ = self.delete_many(targets)
+        return deleted
+
+    def flush(
+        self, family: int = 0, *, mark: int | None = None, mark_mask: int = 0xFFFFFFFF
+    ) -> None:
+        """Flush the table: both families (0), or only IPv4/IPv6.
+
+        With nfgenmsg version 0 the kernel flushes every family whatever we ask; version 1
+        makes it honour the family (kernel >= 5.9)."""
+        seq = _seq.next()
+        message = bytearray(nl.encode_flush(seq, family, mark=mark, mark_mask=mark_mask))
+        if family:
+            message[nl.NLMSG_HDRLEN + 1] = 1  # nfgenmsg.version
+        request(self.sock, bytes(message), seq)
+
+    def flush_expectations(self, family: int = 0) -> None:
+        seq = _seq.next()
+        request(self.sock, nl.encode_flush(seq, family, expectations=True), seq)
+
+    def create_expectation(self, exp: Expectation) -> None:
+        seq = _seq.next()
+        flags = nl.NLM_F_REQUEST | nl.NLM_F_ACK | nl.NLM_F_CREATE | nl.NLM_F_EXCL
+        request(self.sock, nl.encode_expectation(nl.EXP_NEW, flags, seq, exp), seq)
+
+
+# --- the live table: events + dump + reconcile -----------------------------------------------
+
+
+@dataclass
+class EventStats:
+    """conntrackd's ``netlink stats`` (-s runtime), counted by the event reader."""
+
+    events_received: int = 0
+    events_own: int = 0
+    events_unknown_type: int = 0
+    catch_event_failed: int = 0
+    expectation_events: int = 0
+    netlink_overrun: int = 0
+    resync_with_kernel_table: int = 0
+    buffer_size: int = 0
+    last_reconcile_seconds: float = 0.0
+    last_reconcile_removed: int = 0
+
+
+ChangeSink = Callable[[Change, bytes, bool], None]
+
+
+class KernelTable:
+    """Keeps a Cache equal to this namespace's conntrack table.
+
+    Subscribe first, then dump, so nothing falls between the two. Events are applied as
+    they arrive; an overrun (ENOBUFS: the kernel dropped events) is counted, the buffer
+    grows (up to ``rcvbuf_max``) and a dump reconciles the cache by mark-and-sweep.
+    ``sink`` hears every change with whether our own commit socket caused it.
+    """
+
+    def __init__(
+        self,
+        cache: Cache,
+        *,
+        rcvbuf: int = 8 << 20,
+        rcvbuf_max: int = 64 << 20,
+        sink: ChangeSink | None = None,
+        expectations: bool = False,
+        own_portids: Iterable[int] = (),
+    ) -> None:
+        self.cache = cache
+        self.stats = EventStats()
+        self.sink = sink
+        self.rcvbuf_max = max(rcvbuf, rcvbuf_max)
+        self.own_portids = set(own_portids)
+        groups = CT_GROUPS | (EXP_GROUPS if expectations else 0)
+        self._groups = groups
+        set_conntrack_events(True)
+        self._sock = open_socket(groups, rcvbuf)
+        self._sock.setblocking(False)
+        self.stats.buffer_size = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        self._requested_rcvbuf = rcvbuf
+        self._buf = bytearray(_RECV_SIZE)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reconcile_task: asyncio.Task[None] | None = None
+        self._resync_needed = False
+
+    @property
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    @contextlib.contextmanager
+    def events_paused(self) -> Iterator[None]:
+        """Leave the event groups while we write the table ourselves, then reconcile.
+
+        With a listener subscribed the kernel builds an event for every entry we commit,
+        inside our own send() (about 5 us each: more than the insert itself), only for us
+        to discard it as our own. Events from traffic in that window are not lost: the
+        reconcile that follows dumps the table, as primary-backup.sh's resync does.
+        """
+        groups = [g for g in range(1, 7) if self._groups & (1 << (g - 1))]
+        for group in groups:
+            self._sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, group)
+        try:
+            yield
+        finally:
+            for group in groups:
+                self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+            self.read_events()
+            self.schedule_reconcile()
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop = None
+        if self._reconcile_task is not None:
+            self._reconcile_task.cancel()
+        self._sock.close()
+
+    # Start: subscribe (done in __init__), attach to the loop, then dump.
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.fileno(), self.read_events)
+        await self.reconcile()
+
+    def read_events(self) -> int:
+        """Drain the event socket; returns how many messages it handled."""
+        sock = self._sock
+        buf = self._buf
+        cache = self.cache
+        sink = self.sink
+        own = self.own_portids
+        stats = self.stats
+        parse = record.parse_ct
+        unpack_hdr = _HDR.unpack_from
+        handled = 0
+        while True:
+            try:
+                n = sock.recv_into(buf)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self._on_overrun()
+                    continue
+                raise
+            off = 0
+            while off + 16 <= n:
+                mlen, mtype, _flags, _seq, pid = unpack_hdr(buf, off)
+                if mlen < 16 or off + mlen > n:
+                    stats.catch_event_failed += 1
+                    break
+                handled += 1
+                if mtype in (nl.CT_NEW, nl.CT_DELETE):
+                    try:
+                        parts = parse(buf, off + 20, off + mlen)
+                    except CtnetlinkError:
+                        stats.catch_event_failed += 1
+                    else:
+                        if mtype == nl.CT_NEW:
+                            change = cache.update(parts)
+                        else:
+                            change = cache.destroy(parts[0])
+                        is_own = pid in own if pid else False
+                        if is_own:
+                            stats.events_own += 1
+                        if sink is not None and change:
+                            sink(change, parts[0], is_own)
+                elif mtype >> 8 == nl.NFNL_SUBSYS_CTNETLINK_EXP:
+                    stats.expectation_events += 1
+                elif mtype in (nl.NLMSG_ERROR, nl.NLMSG_DONE):
+                    pass
+                else:
+                    stats.events_unknown_type += 1
+                off += (mlen + 3) & ~3
+        stats.events_received += handled
+        return handled
+
+    def _on_overrun(self) -> None:
+        self.stats.netlink_overrun += 1
+        current = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        # getsockopt reports twice what was set; ask for double the request, capped.
+        wanted = min(max(self._requested_rcvbuf, current // 2) * 2, self.rcvbuf_max)
+        if wanted > self._requested_rcvbuf:
+            self._requested_rcvbuf = wanted
+            self.stats.buffer_size = set_receive_buffer(self._sock, wanted)
+            log.warning(
+                "netlink event overrun: events were lost; receive buffer now %d bytes, "
+                "reconciling with a dump",
+                self.stats.buffer_size,
+            )
+        else:
+            log.warning("netlink event overrun at the maximum buffer size; reconciling with a dump")
+        self.schedule_reconcile()
+
+    def schedule_reconcile(self) -> None:
+        self._resync_needed = True
+        if self._loop is None:
+            return
+        if self._reconcile_task is None or self._reconcile_task.done():
+            self._reconcile_task = self._loop.create_task(self._reconcile_soon())
+
+    async def _reconcile_soon(self) -> None:
+        while self._resync_needed:
+            self._resync_needed = False
+            await self.reconcile()
+
+    async def reconcile(self) -> int:
+        """Dump the table into the cache; destroy what the dump did not show. Returns the
+        number of entries removed. Events keep flowing meanwhile (every few recv calls
+        the loop runs), and what they touch counts as seen."""
+        started = time.perf_counter()
+        cache = self.cache
+        cache.begin_reconcile()
+        sink = self.sink
+        parse = record.parse_ct
+        try:
+            with open_socket(rcvbuf=4 << 20) as sock:
+                seen_in_batch = 0
+                for buf, mtype, start, end in iter_dump(sock, 0):
+                    if mtype != nl.CT_NEW:
+                        continue
+                    try:
+                        parts = parse(buf, start, end)
+                    except CtnetlinkError:
+                        self.stats.catch_event_failed += 1
+                        continue
+                    change = cache.update(parts)
+                    if sink is not None and change in (Change.NEW, Change.UPDATED):
+                        sink(change, parts[0], False)
+                    seen_in_batch += 1
+                    if seen_in_batch >= 4096:
+                        seen_in_batch = 0
+                        await asyncio.sleep(0)
+            self.read_events()  # what happened during the dump counts as seen
+        except BaseException:
+            cache.abort_reconcile()
+            raise
+        gone = cache.end_reconcile()
+        if sink is not None:
+            for key in gone:
+                sink(Change.DESTROYED, key, False)
+        self.stats.resync_with_kernel_table += 1
+        self.stats.last_reconcile_seconds = time.perf_counter() - started
+        self.stats.last_reconcile_removed = len(gone)
+        return len(gone)
+
+
+def family_of(text: str) -> int:
+    return AF_INET6 if ":" in text else socket.AF_INET
