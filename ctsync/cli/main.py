@@ -24,25 +24,23 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
 
 import click
 
 from ctsync import __version__
-from ctsync.cli.errors import EXIT_CODES_HELP, CliError, describe_os_error
-from ctsync.cli.filters import (
-    U32_MAX,
-    EntryFilter,
-    IPNetwork,
-    parse_mark,
-    parse_network,
-    parse_port,
-    parse_proto,
-    parse_state,
-    parse_zone,
+from ctsync.cli.agent_cmds import register_agent_commands
+from ctsync.cli.config_cmd import config_group
+from ctsync.cli.errors import CliError, describe_os_error
+from ctsync.cli.options import (
+    CONTEXT_SETTINGS,
+    EPILOG,
+    build_selector,
+    network_text,
+    selection_options,
 )
 from ctsync.cli.render import render_conntrack_json, render_conntrack_table
 from ctsync.core.entry import Entry
+from ctsync.core.select import IPNetwork
 
 DumpTable = Callable[[int], Sequence[Entry]]
 """Reads the kernel conntrack table of one address family (AF_INET or AF_INET6)."""
@@ -60,31 +58,6 @@ def _netlink_dump_table(family: int) -> Sequence[Entry]:
 
 # Tests replace this with a fake (monkeypatch.setattr(main, "_dump_table", fake)).
 _dump_table: DumpTable = _netlink_dump_table
-
-T = TypeVar("T")
-
-
-def _parsed(parse: Callable[[str], T]) -> Callable[[click.Context, click.Parameter, Any], T | None]:
-    """A click callback around a parser that raises ValueError (-> usage error, exit 2).
-
-    Callbacks rather than ``click.ParamType`` subclasses: ParamType became generic in click
-    8.2, and a callback types the same way on every click >= 8.1.
-    """
-
-    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> T | None:
-        if value is None:
-            return None
-        try:
-            return parse(str(value))
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-
-    return callback
-
-
-EPILOG = "\b\n" + EXIT_CODES_HELP.replace("; ", "\n  ").replace(": ", ":\n  ", 1)
-
-CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
 
 
 @click.group(context_settings=CONTEXT_SETTINGS, epilog=EPILOG)
@@ -111,67 +84,7 @@ def show_conntrack() -> None:
 
 @show_conntrack.command("table", epilog=EPILOG)
 @click.argument("family", type=click.Choice(sorted(FAMILIES)), metavar="ipv4|ipv6")
-@click.option(
-    "-p",
-    "--proto",
-    metavar="PROTO",
-    callback=_parsed(parse_proto),
-    help="Protocol name (tcp, udp, icmp, ...) or number.",
-)
-@click.option(
-    "-s",
-    "--src",
-    "--orig-src",
-    "src",
-    metavar="ADDR[/PREFIX]",
-    callback=_parsed(parse_network),
-    help="Original source.",
-)
-@click.option(
-    "-d",
-    "--dst",
-    "--orig-dst",
-    "dst",
-    metavar="ADDR[/PREFIX]",
-    callback=_parsed(parse_network),
-    help="Original destination.",
-)
-@click.option(
-    "--sport",
-    "--orig-port-src",
-    "sport",
-    metavar="PORT",
-    callback=_parsed(parse_port),
-    help="Original source port.",
-)
-@click.option(
-    "--dport",
-    "--orig-port-dst",
-    "dport",
-    metavar="PORT",
-    callback=_parsed(parse_port),
-    help="Original destination port.",
-)
-@click.option(
-    "-m",
-    "--mark",
-    metavar="MARK[/MASK]",
-    callback=_parsed(parse_mark),
-    help="Match entries whose mark & MASK == MARK.",
-)
-@click.option(
-    "-w",
-    "--zone",
-    metavar="ZONE",
-    callback=_parsed(parse_zone),
-    help="Conntrack zone (no zone = zone 0).",
-)
-@click.option(
-    "--state",
-    metavar="STATE",
-    callback=_parsed(parse_state),
-    help="TCP state, e.g. ESTABLISHED (also SCTP/DCCP states).",
-)
+@selection_options
 @click.option("--count", is_flag=True, help="Print only the number of matching entries.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of entries.")
 def show_conntrack_table(
@@ -198,21 +111,11 @@ def show_conntrack_table(
     for flag, network in (("--src", src), ("--dst", dst)):
         if network is not None and f"ipv{network.version}" != family:
             raise click.BadParameter(
-                f"{_network_text(network)} is an IPv{network.version} address"
+                f"{network_text(network)} is an IPv{network.version} address"
                 f" but the table is {family}",
                 param_hint=f"'{flag}'",
             )
-    entry_filter = EntryFilter(
-        proto=proto,
-        src=src,
-        dst=dst,
-        sport=sport,
-        dport=dport,
-        mark=mark[0] if mark is not None else None,
-        mark_mask=mark[1] if mark is not None else U32_MAX,
-        zone=zone,
-        state=state,
-    )
+    entry_filter = build_selector(proto, src, dst, sport, dport, mark, zone, state)
 
     try:
         entries = _dump_table(family_number)
@@ -232,10 +135,8 @@ def show_conntrack_table(
         click.echo(render_conntrack_table(selected))
 
 
-def _network_text(network: IPNetwork) -> str:
-    if network.prefixlen == network.max_prefixlen:
-        return str(network.network_address)
-    return str(network)
+cli.add_command(config_group)
+register_agent_commands(cli, show)
 
 
 def main() -> None:

@@ -25,11 +25,7 @@ from collections.abc import Sequence
 from tabulate import tabulate
 
 from ctsync.core.entry import (
-    IPPROTO_DCCP,
-    IPPROTO_SCTP,
-    IPPROTO_TCP,
-    IPPROTO_UDP,
-    IPPROTO_UDPLITE,
+    L4_PORT_PROTOCOLS,
     CtTuple,
     Entry,
     Status,
@@ -40,9 +36,7 @@ from ctsync.core.entry import (
 
 # Protocols whose addresses are shown (and filtered) with ports: the ones conntrack's XML
 # output gives <sport>/<dport> for (libnetfilter_conntrack __snprintf_proto_xml).
-SHOWN_PORT_PROTOCOLS = frozenset(
-    {IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, IPPROTO_SCTP, IPPROTO_DCCP}
-)
+SHOWN_PORT_PROTOCOLS = L4_PORT_PROTOCOLS
 
 CONNTRACK_TABLE_HEADERS = (
     "Id",

@@ -12,13 +12,36 @@ dump (and any events that arrive meanwhile) through the normal update path, then
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
 from ctsync.core import record
 from ctsync.core.entry import Entry
 from ctsync.core.filter import ACCEPT_ALL, EntryFilter
+
+DIGEST_BUCKETS = 256
+_crc32 = zlib.crc32
+
+
+def bucket_of(key: bytes) -> int:
+    """The anti-entropy bucket of a record key (see docs/wire-protocol.md)."""
+    return _crc32(key) & (DIGEST_BUCKETS - 1)
+
+
+def _mix32(x: int) -> int:
+    """A 32-bit finaliser (MurmurHash3's fmix32). CRC is linear, so XOR-ing raw CRCs
+    lets two entries that missed the same change cancel out; mixed values do not."""
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def entry_checksum(key: bytes, value: bytes) -> int:
+    return _mix32(_crc32(value, _crc32(key)))
 
 
 class Change(IntEnum):
@@ -53,14 +76,41 @@ class Cache:
     counted, as conntrackd's HashLimit does.
     """
 
-    def __init__(self, name: str, entry_filter: EntryFilter = ACCEPT_ALL, limit: int = 0) -> None:
+    def __init__(
+        self,
+        name: str,
+        entry_filter: EntryFilter = ACCEPT_ALL,
+        limit: int = 0,
+        *,
+        digest: bool = False,
+    ) -> None:
         self.name = name
         self.filter = entry_filter
         self.limit = limit
         self.counters = CacheCounters()
         self._filtering = not entry_filter.accepts_all
+        # Keys never to take (entries we injected from a peer: disable-external-cache).
+        self.exclude: set[bytes] = set()
         self._entries: dict[bytes, bytes] = {}
         self._seen: set[bytes] | None = None
+        # Anti-entropy digest, kept incrementally: XOR of entry checksums per bucket.
+        self.digest: list[int] | None = [0] * DIGEST_BUCKETS if digest else None
+
+    def _digest_swap(self, key: bytes, old: bytes | None, new: bytes | None) -> None:
+        digest = self.digest
+        if digest is None:
+            return
+        kc = _crc32(key)
+        bucket = kc & (DIGEST_BUCKETS - 1)
+        if old is not None:
+            digest[bucket] ^= _mix32(_crc32(old, kc))
+        if new is not None:
+            digest[bucket] ^= _mix32(_crc32(new, kc))
+
+    def set_filter(self, entry_filter: EntryFilter) -> None:
+        """Apply a new filter to what comes next (entries already cached stay)."""
+        self.filter = entry_filter
+        self._filtering = not entry_filter.accepts_all
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -91,6 +141,8 @@ class Cache:
         if self._seen is not None:
             self._seen.add(key)
         if old is None:
+            if self.exclude and key in self.exclude:
+                return Change.IGNORED
             value = record.value_from_parts(parts)
             if self._filtering and not self.filter.accepts(key, value):
                 self.counters.filtered += 1
@@ -99,6 +151,8 @@ class Cache:
                 self.counters.created_failed += 1
                 return Change.FAILED
             entries[key] = value
+            if self.digest is not None:
+                self._digest_swap(key, None, value)
             self.counters.created += 1
             return Change.NEW
         value = record.merge_value(old, parts)
@@ -109,31 +163,40 @@ class Cache:
             self.counters.filtered += 1
             return Change.IGNORED
         entries[key] = value
+        if self.digest is not None:
+            self._digest_swap(key, old, value)
         self.counters.updated += 1
         return Change.UPDATED
 
     def destroy(self, key: bytes) -> Change:
         if self._seen is not None:
             self._seen.discard(key)
-        if self._entries.pop(key, None) is None:
+        old = self._entries.pop(key, None)
+        if old is None:
             self.counters.destroyed_failed += 1
             return Change.IGNORED
+        if self.digest is not None:
+            self._digest_swap(key, old, None)
         self.counters.destroyed += 1
         return Change.DESTROYED
 
     def put(self, key: bytes, value: bytes) -> Change:
         """Store a whole record (from a peer, or a test); filters do not apply."""
+        if self._seen is not None:
+            self._seen.add(key)
         old = self._entries.get(key)
         if old is None:
             if self.limit and len(self._entries) >= self.limit:
                 self.counters.created_failed += 1
                 return Change.FAILED
             self._entries[key] = value
+            self._digest_swap(key, None, value)
             self.counters.created += 1
             return Change.NEW
         if old == value:
             return Change.UNCHANGED
         self._entries[key] = value
+        self._digest_swap(key, old, value)
         self.counters.updated += 1
         return Change.UPDATED
 
@@ -141,7 +204,25 @@ class Cache:
         """Flush the cache; returns how many entries it held. Counters are kept."""
         count = len(self._entries)
         self._entries.clear()
+        if self.digest is not None:
+            self.digest = [0] * DIGEST_BUCKETS
         return count
+
+    def bucket_items(self, buckets: Iterable[int]) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) whose digest bucket is in ``buckets``."""
+        wanted = set(buckets)
+        return [(k, v) for k, v in self._entries.items() if bucket_of(k) in wanted]
+
+    def clear_buckets(self, buckets: Iterable[int]) -> int:
+        """Remove every entry of these buckets (a repair replaces them); returns how many."""
+        doomed = self.bucket_items(buckets)
+        for key, value in doomed:
+            del self._entries[key]
+            self._digest_swap(key, value, None)
+            if self._seen is not None:
+                self._seen.discard(key)
+        self.counters.destroyed += len(doomed)
+        return len(doomed)
 
     # --- reconciliation ---------------------------------------------------------------
 
@@ -161,7 +242,7 @@ class Cache:
         entries = self._entries
         gone = [key for key in entries if key not in seen]
         for key in gone:
-            del entries[key]
+            self._digest_swap(key, entries.pop(key), None)
         self.counters.destroyed += len(gone)
         self.counters.reconciled_removed += len(gone)
         return gone

@@ -26,6 +26,7 @@ from ctsync.core.entry import (
     AF_INET,
     AF_INET6,
     ICMP_PROTOCOLS,
+    IPPROTO_DCCP,
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
     PORT_PROTOCOLS,
@@ -346,7 +347,9 @@ def encode_tuple_payload(t: CtTuple) -> bytes:
             attr_u8(CTA_PROTO_ICMPV6_TYPE, t.icmp_type),
             attr_u8(CTA_PROTO_ICMPV6_CODE, t.icmp_code),
         ]
-    elif t.proto in PORT_PROTOCOLS:
+    elif t.proto in PORT_PROTOCOLS and (t.proto != IPPROTO_DCCP or t.sport or t.dport):
+        # Kernels since 6.16 track DCCP as a generic protocol, without ports; port 0 is
+        # not a valid DCCP port, so zero ports mean "the kernel sent none".
         proto += [attr_be16(CTA_PROTO_SRC_PORT, t.sport), attr_be16(CTA_PROTO_DST_PORT, t.dport)]
     parts = [ip, nest(CTA_TUPLE_PROTO, *proto)]
     if t.zone is not None:

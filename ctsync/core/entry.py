@@ -43,6 +43,8 @@ PORT_PROTOCOLS = frozenset(
     {IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, IPPROTO_SCTP, IPPROTO_DCCP, IPPROTO_GRE}
 )
 ICMP_PROTOCOLS = frozenset({IPPROTO_ICMP, IPPROTO_ICMPV6})
+# Protocols whose "ports" are real transport ports (printed ip:port; GRE keys are not).
+L4_PORT_PROTOCOLS = PORT_PROTOCOLS - {IPPROTO_GRE}
 
 
 class Status(IntFlag):

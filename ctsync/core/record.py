@@ -331,7 +331,12 @@ def parse_ct(buf: Buffer, start: int, end: int) -> Parsed:
             compact = _compact_tuple(buf, reply_s, reply_e)
             if compact is None or compact[0] != kind:
                 raise CtnetlinkError("reply tuple of another layout than the original")
-            tail = compact[1][1:]  # drop the kind byte
+            body = compact[1]
+            if kind in (KEY_V4_PORTS, KEY_V6_PORTS):
+                size = 4 if kind == KEY_V4_PORTS else 16
+                tail = body[1 : 1 + 2 * size] + body[2 + 2 * size :]  # no kind, no proto
+            else:
+                tail = body[1:]  # no kind byte
             proto_flag |= VAL_REPLY
     if rare:
         proto_flag |= VAL_RARE

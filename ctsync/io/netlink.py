@@ -447,10 +447,12 @@ class KernelTable:
         sink: ChangeSink | None = None,
         expectations: bool = False,
         own_portids: Iterable[int] = (),
+        after_batch: Callable[[], None] | None = None,
     ) -> None:
         self.cache = cache
         self.stats = EventStats()
         self.sink = sink
+        self.after_batch = after_batch
         self.rcvbuf_max = max(rcvbuf, rcvbuf_max)
         self.own_portids = set(own_portids)
         groups = CT_GROUPS | (EXP_GROUPS if expectations else 0)
@@ -554,6 +556,8 @@ class KernelTable:
                     stats.events_unknown_type += 1
                 off += (mlen + 3) & ~3
         stats.events_received += handled
+        if handled and self.after_batch is not None:
+            self.after_batch()
         return handled
 
     def _on_overrun(self) -> None:
@@ -611,6 +615,8 @@ class KernelTable:
                     seen_in_batch += 1
                     if seen_in_batch >= 4096:
                         seen_in_batch = 0
+                        if self.after_batch is not None:
+                            self.after_batch()
                         await asyncio.sleep(0)
             self.read_events()  # what happened during the dump counts as seen
         except BaseException:
@@ -620,6 +626,8 @@ class KernelTable:
         if sink is not None:
             for key in gone:
                 sink(Change.DESTROYED, key, False)
+        if self.after_batch is not None:
+            self.after_batch()
         self.stats.resync_with_kernel_table += 1
         self.stats.last_reconcile_seconds = time.perf_counter() - started
         self.stats.last_reconcile_removed = len(gone)

@@ -87,6 +87,7 @@ u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFF_FFFF)
 u64 = st.integers(0, 0xFFFF_FFFF_FFFF_FFFF)
 ports = st.one_of(st.sampled_from([0, 1, 21, 53, 80, 443, 1023, 1024, 8080, 65535]), u16)
+nonzero_ports = st.one_of(st.sampled_from([1, 1023, 5004, 65535]), st.integers(1, 0xFFFF))
 zones = st.one_of(st.sampled_from([1, 5, 0xFFFF]), st.integers(1, 0xFFFF))
 #: NUL-free text: the codec NUL-terminates strings and cuts at the first NUL.
 names = st.text(
@@ -157,6 +158,12 @@ def ct_tuples(
     if pr in ICMP_PROTOCOLS:
         icmp_id, icmp_type, icmp_code = draw(u16), draw(icmp_types), draw(u8)
         return CtTuple(fam, pr, src, dst, 0, 0, icmp_id, icmp_type, icmp_code, tzone)
+    if pr == IPPROTO_DCCP:
+        # Kernels >= 6.16 track DCCP without ports (both 0, encoded without port
+        # attributes); older ones with real ports, and port 0 is not a DCCP port.
+        if draw(st.booleans()):
+            return CtTuple(fam, pr, src, dst, zone=tzone)
+        return CtTuple(fam, pr, src, dst, draw(nonzero_ports), draw(nonzero_ports), zone=tzone)
     if pr in PORT_PROTOCOLS:
         return CtTuple(fam, pr, src, dst, draw(ports), draw(ports), zone=tzone)
     return CtTuple(fam, pr, src, dst, zone=tzone)
@@ -174,11 +181,14 @@ def nat_replies(draw: st.DrawFn, orig: CtTuple) -> CtTuple:
         )
         if orig.proto in ICMP_PROTOCOLS:
             reply = replace(reply, icmp_id=draw(st.one_of(st.just(inverse.icmp_id), u16)))
+        elif orig.proto == IPPROTO_DCCP and not (orig.sport or orig.dport):
+            pass  # port-less DCCP (kernels >= 6.16): only addresses can change
         elif orig.proto in PORT_PROTOCOLS:
+            new_ports = nonzero_ports if orig.proto == IPPROTO_DCCP else ports
             reply = replace(
                 reply,
-                sport=draw(st.one_of(st.just(inverse.sport), ports)),
-                dport=draw(st.one_of(st.just(inverse.dport), ports)),
+                sport=draw(st.one_of(st.just(inverse.sport), new_ports)),
+                dport=draw(st.one_of(st.just(inverse.dport), new_ports)),
             )
         if reply != inverse:
             return reply

@@ -16,7 +16,9 @@ from click.testing import CliRunner, Result
 from ctsync import __version__
 from ctsync.cli import main as cli_main
 from ctsync.cli.errors import EXIT_AGENT_UNREACHABLE, AgentUnreachableError, CliError
-from ctsync.cli.filters import (
+from ctsync.cli.render import render_conntrack_table
+from ctsync.core.entry import IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Entry, make_tuple
+from ctsync.core.select import (
     EntryFilter,
     parse_mark,
     parse_network,
@@ -25,8 +27,6 @@ from ctsync.cli.filters import (
     parse_state,
     parse_zone,
 )
-from ctsync.cli.render import render_conntrack_table
-from ctsync.core.entry import IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Entry, make_tuple
 from tests.core.test_render import (
     GOLDEN,
     GRE,

@@ -182,22 +182,35 @@ class Process(subprocess.Popen[str]):
         return rc
 
     def stop(self, grace: float = _STOP_GRACE) -> None:
-        """Stop the process and its process group by id: SIGTERM, then SIGKILL."""
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
-            # The group outlives a reaped leader only while members remain, and
-            # a group id is not reused while it exists, so this never hits a stranger.
+        """Stop the process and its process group by id: SIGTERM, then SIGKILL.
+
+        Signals go out only while the leader is unreaped (running or zombie),
+        so its pid, and with it the group id, cannot belong to anyone else.
+        Group members that outlive a reaped leader are left to the namespace
+        sweep in :meth:`Namespace.close`.
+        """
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.returncode is not None:
+                break
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, sig)
-            try:
-                self.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        for stream in (self.stdin, self.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    stream.close()
-        self._reader.join(1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.wait(grace)
+        if self.stdin is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.stdin.close()
+        self.release(0.2)
+
+    def release(self, timeout: float = 2.0) -> None:
+        """Close stdout once the reader thread has seen EOF.
+
+        Closing it earlier would block on the reader's lock; EOF comes only
+        when every holder of the pipe (daemonised grandchildren too) is gone.
+        """
+        self._reader.join(timeout)
+        if not self._reader.is_alive() and self.stdout is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.stdout.close()
 
 
 # --------------------------------------------------------------------------- namespaces
@@ -320,31 +333,41 @@ class Namespace:
     def close(self) -> None:
         """Stop our processes by pid, then anything left inside, then delete the namespace.
 
-        Idempotent and exception-safe: every step runs even if an earlier one
-        failed; the first error is re-raised at the end.
+        Idempotent and exception-safe: the namespace is deleted even if
+        stopping a process failed or was interrupted; the first error is
+        re-raised at the end. A namespace whose deletion failed stays
+        registered for :func:`cleanup_all`.
         """
         if self.closed:
             return
         self.closed = True
         errors: list[BaseException] = []
-        for proc in reversed(self.processes):
+        try:
+            for proc in reversed(self.processes):
+                try:
+                    proc.stop()
+                except Exception as exc:  # pragma: no cover - best effort
+                    errors.append(exc)
             try:
-                proc.stop()
+                self._stop_strays()
             except Exception as exc:  # pragma: no cover - best effort
                 errors.append(exc)
-        try:
-            self._stop_strays()
-        except Exception as exc:  # pragma: no cover - best effort
-            errors.append(exc)
+            for proc in self.processes:
+                proc.release()
+        finally:
+            self._delete(errors)
+        if errors:
+            raise errors[0]
+
+    def _delete(self, errors: list[BaseException]) -> None:
         try:
             _run(["ip", "netns", "del", self.name])
         except Exception as exc:
             if self.name in list_netns():
                 errors.append(exc)
+                return
         with _LIVE_LOCK:
             _LIVE.pop(self.name, None)
-        if errors:
-            raise errors[0]
 
     def _stop_strays(self) -> None:
         """Stop processes that left our process groups (daemons) but live in this netns.
@@ -415,6 +438,7 @@ def cleanup_all() -> None:
     with _LIVE_LOCK:
         live = list(_LIVE.values())
     for ns in reversed(live):
+        ns.closed = False  # retry even a close() that was interrupted half-way
         with contextlib.suppress(Exception):
             ns.close()
 

@@ -51,7 +51,7 @@ from tests.linux.netns import (
     traffic_cmd,
 )
 
-pytestmark = pytest.mark.linux
+pytestmark = [pytest.mark.linux, pytest.mark.timeout(60)]
 
 PLAIN_PORT = 5000
 UDP_PORT = 5300
@@ -74,7 +74,8 @@ def labels_bits(raw: bytes) -> int:
     """CTA_LABELS is an array of host-order unsigned longs; return it as one integer."""
     word = 8 if len(raw) % 8 == 0 else 4
     return sum(
-        int.from_bytes(raw[i : i + word], sys.byteorder) << (8 * i) for i in range(0, len(raw), word)
+        int.from_bytes(raw[i : i + word], sys.byteorder) << (8 * i)
+        for i in range(0, len(raw), word)
     )
 
 
@@ -95,7 +96,12 @@ def test_parse_conntrack_and_expect_lines() -> None:
     )
     assert [e.proto for e in ct] == ["tcp", "udp"]
     assert ct[0].state == "ESTABLISHED" and ct[0].timeout == 431999
-    assert ct[0].orig == {"src": "192.0.2.2", "dst": "203.0.113.10", "sport": "40000", "dport": "80"}
+    assert ct[0].orig == {
+        "src": "192.0.2.2",
+        "dst": "203.0.113.10",
+        "sport": "40000",
+        "dport": "80",
+    }
     assert ct[0].reply["src"] == "198.51.100.2" and ct[0].reply["sport"] == "8080"
     assert (ct[0].mark, ct[0].zone, ct[0].fields["helper"]) == (0x42, 5, "ftp")
     assert ct[1].state is None and ct[1].flags == {"UNREPLIED"}
@@ -109,7 +115,12 @@ def test_parse_conntrack_and_expect_lines() -> None:
     assert exp.timeout == 299
     assert exp.tuple == {"src": "192.0.2.2", "dst": "198.51.100.2", "sport": "0", "dport": "34509"}
     assert exp.mask["dport"] == "65535"
-    assert exp.master == {"src": "192.0.2.2", "dst": "198.51.100.2", "sport": "33154", "dport": "21"}
+    assert exp.master == {
+        "src": "192.0.2.2",
+        "dst": "198.51.100.2",
+        "sport": "33154",
+        "dport": "21",
+    }
     assert exp.fields == {"proto": "6", "class": "0", "helper": "ftp"}
 
 
@@ -165,9 +176,8 @@ def test_topology_names_and_sysctls(router_topology: Topology) -> None:
     assert topo.fw.read_sysctl("net.ipv4.ip_forward") == "1"
     assert topo.fw.read_sysctl("net.ipv6.conf.all.forwarding") == "1"
     assert topo.fw.read_sysctl("net.netfilter.nf_conntrack_tcp_be_liberal") == "0"
-    # Hosts outside the topology see nothing: the client has only its own routes.
-    routes = topo.client.ip("-4", "route").stdout
-    assert "default via 192.0.2.1" in routes
+    assert "default via 192.0.2.1" in topo.client.ip("-4", "route").stdout
+    assert "default via 2001:db8:2::1" in topo.server.ip("-6", "route").stdout
 
 
 # --------------------------------------------------------------------------- (a)-(e)
@@ -177,8 +187,9 @@ def test_dnat_reaches_server_port_8080(router_topology: Topology) -> None:
     topo = router_topology
     srv = topo.server.start(traffic_cmd("tcp-echo-server", "--port", str(DNAT_TARGET_PORT)))
     cli = topo.client.popen(
-        traffic_cmd("tcp-client", "--host", DNAT_VIP_V4, "--port", str(DNAT_PORT))
-        + ["--count", "2", "--wait-stdin"]
+        traffic_cmd(
+            "tcp-client", "--host", DNAT_VIP_V4, f"--port={DNAT_PORT}", "--count=2", "--wait-stdin"
+        )
     )
     cli.wait_line("CONNECTED")
     entries = tcp_entries(topo.fw, DNAT_PORT)
@@ -299,8 +310,9 @@ def test_udp_flows_create_entries(router_topology: Topology, af: dict[str, str])
     topo = router_topology
     topo.server.start(traffic_cmd("udp-echo-server", "--port", str(UDP_PORT)))
     out = topo.client.run(
-        traffic_cmd("udp-client", "--host", af["server"], "--port", str(UDP_PORT))
-        + ["--count", "3", "--rounds", "2"]
+        traffic_cmd(
+            "udp-client", "--host", af["server"], f"--port={UDP_PORT}", "--count=3", "--rounds=2"
+        )
     )
     entries = [
         e for e in topo.fw.ct_list("-p", "udp", "-f", af["family"]) if e.matches(dport=UDP_PORT)
@@ -329,8 +341,8 @@ def pid_gone(pid: int) -> bool:
 # session (only the namespace sweep can find it).
 STUBBORN = (
     "import os, signal, subprocess, sys, time\n"
-    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
     "d = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
     "print('READY', os.getpid(), d.pid, flush=True)\n"
     "time.sleep(300)\n"
 )

@@ -1,4 +1,6 @@
-"""conntrack(8)-style entry filters for ``ctsync show ...``: parsing and a pure predicate.
+"""conntrack(8)-style entry selection for ``ctsync show ...``: parsing and a pure predicate.
+
+Used by the CLI for the live table and by the agent for its caches.
 
 The flags and their meaning follow ``conntrack -L``: every filter applies to the *original*
 direction, all given filters must match (AND), and ``--mark MARK/MASK`` matches when
@@ -15,9 +17,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from ctsync.cli.render import SHOWN_PORT_PROTOCOLS
 from ctsync.core.entry import (
     AF_INET,
+    L4_PORT_PROTOCOLS,
     PROTO_NUMBERS,
     DccpState,
     Entry,
@@ -129,7 +131,7 @@ class EntryFilter:
         if self.proto is not None and orig.proto != self.proto:
             return False
         if (self.sport is not None or self.dport is not None) and (
-            orig.proto not in SHOWN_PORT_PROTOCOLS
+            orig.proto not in L4_PORT_PROTOCOLS
         ):
             return False
         if self.sport is not None and orig.sport != self.sport:
@@ -148,6 +150,36 @@ class EntryFilter:
 
     def __call__(self, entry: Entry) -> bool:
         return self.matches(entry)
+
+    def to_args(self) -> dict[str, str]:
+        """The filter as plain strings (for the control socket); see :meth:`from_args`."""
+        out: dict[str, str] = {}
+        for name in ("proto", "src", "dst", "sport", "dport", "zone", "state"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = str(value)
+        if self.mark is not None:
+            out["mark"] = f"{self.mark:#x}/{self.mark_mask:#x}"
+        return out
+
+    @classmethod
+    def from_args(cls, args: dict[str, str]) -> EntryFilter:
+        """Parse :meth:`to_args` output (or user input); raises ValueError on bad values."""
+        unknown = set(args) - {"proto", "src", "dst", "sport", "dport", "zone", "state", "mark"}
+        if unknown:
+            raise ValueError(f"unknown filter(s): {', '.join(sorted(unknown))}")
+        mark, mask = parse_mark(args["mark"]) if "mark" in args else (None, U32_MAX)
+        return cls(
+            proto=parse_proto(args["proto"]) if "proto" in args else None,
+            src=parse_network(args["src"]) if "src" in args else None,
+            dst=parse_network(args["dst"]) if "dst" in args else None,
+            sport=parse_port(args["sport"]) if "sport" in args else None,
+            dport=parse_port(args["dport"]) if "dport" in args else None,
+            mark=mark,
+            mark_mask=mask,
+            zone=parse_zone(args["zone"]) if "zone" in args else None,
+            state=parse_state(args["state"]) if "state" in args else None,
+        )
 
     @property
     def is_empty(self) -> bool:

@@ -1,0 +1,568 @@
+"""The ctsync agent: the one place where the pure core and the I/O adapters meet.
+
+One asyncio loop runs everything a node does:
+
+- ``KernelTable`` keeps the internal cache equal to the kernel table (events, dumps,
+  reconciliation) and reports each change;
+- ``SyncSession`` turns those changes into DATA for the peers and keeps one external cache
+  per peer from what they send (it is pure: the agent feeds it datagrams and the time);
+- ``Transport`` carries the datagrams over the sync links;
+- ``ControlServer`` answers the CLI (statistics, caches, commit, flush, resync, ...);
+- a timer runs ``SyncSession.tick`` when its next deadline comes.
+
+Systemd style: logs to stderr, SIGTERM/SIGINT stop cleanly, SIGHUP reloads what can be
+reloaded (log level, filters), READY/WATCHDOG/STOPPING go to $NOTIFY_SOCKET when set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctsync.config import Config, load_config, read_key
+from ctsync.core import record
+from ctsync.core.cache import Cache, Change
+from ctsync.core.ctnetlink import CtnetlinkError
+from ctsync.core.entry import entry_to_json
+from ctsync.core.select import EntryFilter as Selector
+from ctsync.core.stats import CacheStats, CommitStats, LinkStats, NetlinkStats, PeerStats, Snapshot
+from ctsync.core.sync import SessionConfig, SyncSession
+from ctsync.core.wire import Authenticator
+from ctsync.io import sdnotify
+from ctsync.io.control import CommandError, ControlServer
+from ctsync.io.netlink import CommitResult, Committer, KernelTable
+from ctsync.io.transport import LinkConfig, Transport
+
+log = logging.getLogger("ctsync.agent")
+
+
+@dataclass
+class InjectStats:
+    """``external inject`` counters (disable-external-cache mode)."""
+
+    created: int = 0
+    created_failed: int = 0
+    updated: int = 0
+    updated_failed: int = 0
+    destroyed: int = 0
+    destroyed_failed: int = 0
+
+
+class Agent:
+    """A running node. Build with a validated :class:`Config`; ``await run()``."""
+
+    def __init__(
+        self, config: Config, *, config_path: Path | None = None, key: bytes | None = None
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        sync = config.sync
+        self.started = time.monotonic()
+        self.epoch = int(time.time() * 1000)
+        self.internal = Cache("internal", config.entry_filter(), digest=True)
+        self.session = SyncSession(
+            config.node_id,
+            self.epoch,
+            Authenticator(key),
+            self.internal,
+            SessionConfig(
+                queue_limit_bytes=sync.resend_queue_bytes,
+                alive_interval=sync.alive_interval,
+                peer_dead_after=sync.peer_dead_after,
+                digest_interval=sync.digest_interval,
+            ),
+            os.urandom,
+        )
+        self.inject = sync.disable_external_cache
+        self.inject_stats = InjectStats()
+        if self.inject:
+            self.session.on_external_change = self._queue_injection
+        self._inject_updates: dict[bytes, bytes] = {}
+        self._inject_destroys: set[bytes] = set()
+        self._inject_scheduled = False
+        self.transport = Transport(
+            [
+                LinkConfig(
+                    interface=ch.interface,
+                    group=str(ch.mcast_group) if ch.mcast_group is not None else None,
+                    peers=tuple(str(p) for p in ch.peers),
+                    port=ch.port,
+                    listen_address=str(ch.listen_address) if ch.listen_address else None,
+                    sndbuf=sync.sync_queue_bytes,
+                    rcvbuf=sync.sync_queue_bytes,
+                )
+                for ch in sync.channels()
+            ],
+            self._on_datagram,
+        )
+        self.control = ControlServer(str(config.control.socket))
+        self.committer: Committer | None = None
+        self.kernel: KernelTable | None = None
+        self.last_commit: CommitStats | None = None
+        self._last_commit_at: float | None = None
+        self._commit_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        sync = self.config.sync
+        try:
+            self.committer = Committer()
+            self.kernel = KernelTable(
+                self.internal,
+                rcvbuf=sync.event_listen_queue_bytes,
+                rcvbuf_max=sync.event_listen_queue_max_bytes,
+                sink=self._on_local_change,
+                own_portids=[self.committer.portid],
+                after_batch=self._flush,
+            )
+            await self.transport.start()
+            self._register_commands()
+            await self.control.start()
+            await self.kernel.start()
+            self._tasks.append(loop.create_task(self._timer(), name="ctsync-timer"))
+            interval = sdnotify.watchdog_interval()
+            if interval:
+                self._tasks.append(loop.create_task(self._watchdog(interval / 2)))
+            log.info(
+                "ctsync agent started: node %d, epoch %d, %d entries in the kernel table, "
+                "sync links %s",
+                self.config.node_id,
+                self.epoch,
+                len(self.internal),
+                ", ".join(ch.interface for ch in sync.channels()),
+            )
+            sdnotify.ready(f"{len(self.internal)} entries")
+            await self._stop.wait()
+        finally:
+            sdnotify.stopping()
+            await self._shutdown()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    def stop(self) -> None:
+        log.info("stopping")
+        self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; apply the log level and the filters."""
+        if self.config_path is None:
+            return
+        try:
+            new = load_config(self.config_path)
+        except Exception as exc:  # a bad file must not stop a running agent
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        logging.getLogger("ctsync").setLevel(new.log.level.upper())
+        self.internal.set_filter(new.entry_filter())
+        self.config = new
+        log.info("configuration reloaded (log level, filters); other changes need a restart")
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.control.close()
+        self.transport.close()
+        if self.kernel is not None:
+            self.kernel.close()
+        if self.committer is not None:
+            self.committer.close()
+        log.info("stopped")
+
+    async def _timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            deadline = self.session.next_deadline()
+            now = loop.time()
+            timeout = 1.0 if deadline is None else min(max(deadline - now, 0.0), 1.0)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self.session.tick(loop.time())
+            self._send()
+
+    async def _watchdog(self, period: float) -> None:
+        while True:
+            sdnotify.watchdog()
+            await asyncio.sleep(period)
+
+    # --- data paths -----------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _on_local_change(self, change: Change, key: bytes, own: bool) -> None:
+        # Our own writes (commit, injection) are not announced back to the peers.
+        if not own:
+            self.session.local_change(key)
+
+    def _flush(self) -> None:
+        self.session.flush(self._now())
+        self._send()
+
+    def _send(self) -> None:
+        for datagram in self.session.datagrams_to_send():
+            self.transport.send(datagram)
+        self._wake.set()
+
+    def _on_datagram(self, data: bytes, source: tuple[str, int], link: int) -> None:
+        self.session.receive(data, self._now())
+        self._send()
+
+    # --- disable-external-cache: peers' entries go straight into the kernel --------------
+
+    def _queue_injection(self, node: int, change: Change, key: bytes, value: bytes | None) -> None:
+        if value is None:
+            self._inject_updates.pop(key, None)
+            self._inject_destroys.add(key)
+        else:
+            self._inject_destroys.discard(key)
+            self._inject_updates[key] = value
+        if not self._inject_scheduled:
+            self._inject_scheduled = True
+            asyncio.get_running_loop().call_soon(self._inject)
+
+    def _inject(self) -> None:
+        self._inject_scheduled = False
+        committer = self.committer
+        if committer is None:
+            return
+        updates, self._inject_updates = self._inject_updates, {}
+        destroys, self._inject_destroys = self._inject_destroys, set()
+        self.internal.exclude.update(updates)
+        if updates:
+            result = committer.commit_records(
+                updates.items(), self.config.sync.commit_timeout_override
+            )
+            self.inject_stats.created += result.committed
+            self.inject_stats.created_failed += result.failed
+        if destroys:
+            targets = []
+            for key in destroys:
+                self.internal.exclude.discard(key)
+                try:
+                    targets.append(record.decode_key(key))
+                except CtnetlinkError:
+                    self.inject_stats.destroyed_failed += 1
+            done, failed = committer.delete_many(targets)
+            self.inject_stats.destroyed += done
+            self.inject_stats.destroyed_failed += failed
+
+    # --- commands -------------------------------------------------------------------------
+
+    def _register_commands(self) -> None:
+        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "statistics": self.cmd_statistics,
+            "status": self.cmd_status,
+            "cache": self.cmd_cache,
+            "commit": self.cmd_commit,
+            "flush": self.cmd_flush,
+            "resync": self.cmd_resync,
+            "bulk-send": self.cmd_bulk_send,
+        }
+        for name, handler in handlers.items():
+            self.control.register(name, handler)
+
+    async def cmd_statistics(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.snapshot().to_dict()
+
+    async def cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        snap = self.snapshot()
+        failover = self.config.failover
+        mechanism: str = failover.mechanism
+        if failover.sync_group:
+            mechanism += f" [sync-group {failover.sync_group}]"
+        expect = self.config.sync.expect_sync
+        return {
+            "node_id": self.config.node_id,
+            "epoch": self.epoch,
+            "sync_interfaces": [ch.interface for ch in self.config.sync.channels()],
+            "failover_mechanism": mechanism,
+            "last_transition": None,
+            "state": "n/a",
+            "expect_sync": ", ".join(expect) if expect else None,
+            "peers": [p.__dict__ for p in snap.peers],
+            "last_commit": None if snap.last_commit is None else snap.last_commit.__dict__,
+        }
+
+    async def cmd_cache(self, args: dict[str, Any]) -> dict[str, Any]:
+        which = args.get("which", "internal")
+        try:
+            selector = Selector.from_args(args.get("filter") or {})
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        caches = self._caches(which)
+        count = 0
+        out: list[dict[str, Any]] = []
+        for node, cache in caches:
+            for key, value in cache.items():
+                try:
+                    entry = record.to_entry(key, value)
+                except CtnetlinkError:
+                    continue
+                if not selector.matches(entry):
+                    continue
+                count += 1
+                if not args.get("count"):
+                    item = entry_to_json(entry)
+                    if node is not None:
+                        item["peer"] = node
+                    out.append(item)
+        return {"count": count, "entries": out}
+
+    def _caches(self, which: str) -> list[tuple[int | None, Cache]]:
+        if which == "internal":
+            return [(None, self.internal)]
+        if which == "external":
+            return [(node, peer.external) for node, peer in sorted(self.session.peers.items())]
+        raise CommandError(f"unknown cache {which!r}: internal or external")
+
+    async def cmd_commit(self, args: dict[str, Any]) -> dict[str, Any]:
+        """conntrackd -c: every peer's external cache into the kernel, NAT included."""
+        result = await self.commit()
+        return {
+            "attempted": result.attempted,
+            "committed": result.committed,
+            "failed": result.failed,
+            "seconds": result.seconds,
+            "errors": dict(result.errors),
+        }
+
+    async def commit(self) -> CommitResult:
+        committer, kernel = self.committer, self.kernel
+        if committer is None or kernel is None:
+            raise CommandError("the agent is not running yet")
+        async with self._commit_lock:
+            records: dict[bytes, bytes] = {}
+            for _, peer in sorted(self.session.peers.items()):
+                records.update(peer.external.items())
+            log.info("committing %d entries from the external caches", len(records))
+            timeout = self.config.sync.commit_timeout_override
+            with kernel.events_paused():
+                result = await asyncio.to_thread(committer.commit_records, records.items(), timeout)
+            self.last_commit = CommitStats(
+                result.attempted,
+                result.committed,
+                result.failed,
+                result.seconds,
+                None,
+                dict(result.errors),
+            )
+            self._last_commit_at = time.monotonic()
+            log.info(
+                "commit done: %d committed, %d failed in %.3fs%s",
+                result.committed,
+                result.failed,
+                result.seconds,
+                f" ({dict(result.errors)})" if result.failed else "",
+            )
+            return result
+
+    async def cmd_flush(self, args: dict[str, Any]) -> dict[str, Any]:
+        """conntrackd -f [internal|external]."""
+        which = args.get("which", "all")
+        flushed = 0
+        if which in ("internal", "all"):
+            flushed += self.internal.clear()
+        if which in ("external", "all"):
+            for peer in self.session.peers.values():
+                flushed += peer.external.clear()
+            self.internal.exclude.clear()
+        if which not in ("internal", "external", "all"):
+            raise CommandError(f"unknown cache {which!r}: internal, external or all")
+        log.info("flushed %s cache(s): %d entries", which, flushed)
+        return {"flushed": flushed}
+
+    async def cmd_resync(self, args: dict[str, Any]) -> dict[str, Any]:
+        """conntrackd -n (ask the peers for a full transfer) or -R (``kernel``)."""
+        if args.get("kernel"):
+            if self.kernel is None:
+                raise CommandError("the agent is not running yet")
+            removed = await self.kernel.reconcile()
+            return {"resynced": "kernel", "entries": len(self.internal), "removed": removed}
+        self.session.request_resync(self._now())
+        self._send()
+        return {"resynced": "peers", "peers": sorted(self.session.peers)}
+
+    async def cmd_bulk_send(self, args: dict[str, Any]) -> dict[str, Any]:
+        """conntrackd -B: send the whole internal cache to the peers."""
+        self.session.bulk_send(self._now())
+        self._send()
+        return {"entries": len(self.internal)}
+
+    # --- statistics ---------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        now = self._now()
+        c = self.internal.counters
+        internal = CacheStats(
+            len(self.internal),
+            c.created,
+            c.created_failed,
+            c.updated,
+            c.updated_failed,
+            c.destroyed,
+            c.destroyed_failed,
+            c.filtered,
+        )
+        if self.inject:
+            i = self.inject_stats
+            external = CacheStats(
+                0,
+                i.created,
+                i.created_failed,
+                i.updated,
+                i.updated_failed,
+                i.destroyed,
+                i.destroyed_failed,
+            )
+        else:
+            external = CacheStats()
+            for peer in self.session.peers.values():
+                e = peer.external.counters
+                external = external + CacheStats(
+                    len(peer.external),
+                    e.created,
+                    e.created_failed,
+                    e.updated,
+                    e.updated_failed,
+                    e.destroyed,
+                    e.destroyed_failed,
+                    e.filtered,
+                )
+        transport = self.transport.stats()
+        links = tuple(
+            LinkStats(
+                link.device,
+                link.kind,
+                link.status,
+                link.role,
+                link.bytes_sent,
+                link.bytes_recv,
+                link.packets_sent,
+                link.packets_recv,
+                link.send_errors,
+                link.recv_errors,
+            )
+            for link in transport.links
+        )
+        k = self.kernel.stats if self.kernel is not None else None
+        netlink = (
+            NetlinkStats()
+            if k is None
+            else NetlinkStats(
+                k.events_received,
+                k.events_own,
+                k.events_unknown_type,
+                k.catch_event_failed,
+                k.netlink_overrun,
+                k.resync_with_kernel_table,
+                k.buffer_size,
+                k.last_reconcile_seconds,
+            )
+        )
+        peers = tuple(
+            PeerStats(
+                node,
+                p.epoch,
+                p.verified,
+                p.up,
+                None if p.last_heard == float("-inf") else max(now - p.last_heard, 0.0),
+                p.resync_in_progress,
+                len(p.external),
+                p.counters.data_received,
+                p.counters.lost,
+            )
+            for node, p in sorted(self.session.peers.items())
+        )
+        commit = self.last_commit
+        if commit is not None and self._last_commit_at is not None:
+            commit = CommitStats(
+                commit.attempted,
+                commit.committed,
+                commit.failed,
+                commit.seconds,
+                time.monotonic() - self._last_commit_at,
+                commit.errors,
+            )
+        return Snapshot(
+            node_id=self.config.node_id,
+            epoch=self.epoch,
+            uptime_seconds=time.monotonic() - self.started,
+            internal=internal,
+            external=external,
+            external_inject=self.inject,
+            traffic_bytes=0,
+            traffic_packets=0,
+            links=links,
+            netlink=netlink,
+            sync=self.session.stats.as_dict(),
+            queue_entries=self.session.queue_len,
+            queue_bytes=self.session.queue_bytes,
+            peers=peers,
+            last_commit=commit,
+        )
+
+
+def load_key(config: Config) -> bytes | None:
+    if config.auth.allow_unauthenticated:
+        log.warning(
+            "auth.allow-unauthenticated is set: sync datagrams are NOT authenticated; anyone "
+            "who can reach the sync link can inject connections into this firewall"
+        )
+        return None
+    return read_key(config.auth.key_file)
+
+
+def run_agent(config_path: Path) -> int:
+    """``ctsync agent --config PATH``: returns the process exit status."""
+    config = load_config(config_path)
+    setup_logging(config.log.format, config.log.level)
+    agent = Agent(config, config_path=config_path, key=load_key(config))
+    asyncio.run(agent.run())
+    return 0
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    """Human-readable lines on a terminal; key=value lines under systemd (no timestamps:
+    the journal adds them); JSON on request."""
+    import json
+    import sys
+
+    if fmt == "auto":
+        fmt = "text" if sys.stderr.isatty() else "logfmt"
+
+    class _Formatter(logging.Formatter):
+        def format(self, record_: logging.LogRecord) -> str:
+            message = record_.getMessage()
+            if fmt == "json":
+                return json.dumps(
+                    {"level": record_.levelname.lower(), "logger": record_.name, "msg": message}
+                )
+            if fmt == "logfmt":
+                level = record_.levelname.lower()
+                return f"level={level} logger={record_.name} msg={json.dumps(message)}"
+            return f"{self.formatTime(record_)} {record_.levelname:<7} {record_.name}: {message}"
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger("ctsync")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,192 @@
+"""``ctsync`` commands that run or talk to the agent (over its root-only control socket).
+
+``ctsync agent`` runs it; the others are conntrackd's client commands under names an
+operator can read: ``commit`` (-c), ``flush`` (-f), ``resync`` (-n, and -R with
+``--kernel``), ``bulk-send`` (-B), ``show statistics`` (-s), ``show cache`` (-i/-e).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ctsync.cli.errors import AgentUnreachableError, CliError
+from ctsync.cli.options import CONTEXT_SETTINGS, EPILOG, build_selector, selection_options
+from ctsync.core.select import IPNetwork
+
+DEFAULT_CONFIG = Path("/etc/ctsync/ctsync.toml")
+DEFAULT_SOCKET = "/run/ctsync/ctsync.sock"
+
+socket_option = click.option(
+    "-S",
+    "--socket",
+    "socket_path",
+    default=lambda: os.environ.get("CTSYNC_SOCKET", DEFAULT_SOCKET),
+    show_default=DEFAULT_SOCKET,
+    metavar="PATH",
+    help="The agent's control socket (env CTSYNC_SOCKET).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def call_agent(socket_path: str, command: str, args: dict[str, Any] | None = None) -> Any:
+    """One request to the agent; exit 3 if it is unreachable, 1 if it reports a failure."""
+    from ctsync.io.control import AgentError, AgentUnreachable, call
+
+    try:
+        return call(socket_path, command, args, timeout=300.0)
+    except AgentUnreachable as exc:
+        raise AgentUnreachableError(
+            f"cannot reach the ctsync agent at {socket_path}: {exc}"
+        ) from exc
+    except AgentError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def register_agent_commands(cli: click.Group, show: click.Group) -> None:
+    for command in (agent_cmd, commit_cmd, flush_cmd, resync_cmd, bulk_send_cmd):
+        cli.add_command(command)
+    for command in (show_statistics, show_status, show_cache):
+        show.add_command(command)
+
+
+@click.command("agent", context_settings=CONTEXT_SETTINGS, epilog=EPILOG)
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    help="The TOML configuration file.",
+)
+def agent_cmd(config_path: Path) -> None:
+    """Run the agent in the foreground (as systemd runs it: logs on stderr)."""
+    from ctsync.agent import run_agent
+    from ctsync.config import ConfigError
+
+    try:
+        raise SystemExit(run_agent(config_path))
+    except ConfigError as exc:
+        raise CliError(f"invalid configuration:\n{exc}") from exc
+    except OSError as exc:
+        raise CliError(f"cannot start: {exc}") from exc
+
+
+@click.command("commit", epilog=EPILOG)
+@socket_option
+@json_option
+def commit_cmd(socket_path: str, as_json: bool) -> None:
+    """Commit the external caches into the kernel table (conntrackd -c).
+
+    Exits 1 if any entry failed."""
+    result = call_agent(socket_path, "commit")
+    if as_json:
+        click.echo(_json(result))
+    else:
+        errors = ", ".join(f"{name}: {n}" for name, n in result["errors"].items())
+        click.echo(
+            f"{result['committed']} entries committed, {result['failed']} failed "
+            f"in {result['seconds']:.3f}s" + (f" ({errors})" if errors else "")
+        )
+    if result["failed"]:
+        raise SystemExit(1)
+
+
+@click.command("flush", epilog=EPILOG)
+@click.argument("which", type=click.Choice(["internal", "external", "all"]), default="all")
+@socket_option
+def flush_cmd(which: str, socket_path: str) -> None:
+    """Empty the internal and/or external caches (conntrackd -f); the kernel table stays."""
+    result = call_agent(socket_path, "flush", {"which": which})
+    click.echo(f"{result['flushed']} entries flushed")
+
+
+@click.command("resync", epilog=EPILOG)
+@click.option("--kernel", is_flag=True, help="Re-read the kernel table instead (conntrackd -R).")
+@socket_option
+def resync_cmd(kernel: bool, socket_path: str) -> None:
+    """Ask the peers for a full transfer of their tables (conntrackd -n)."""
+    result = call_agent(socket_path, "resync", {"kernel": kernel})
+    if kernel:
+        click.echo(f"internal cache resynced: {result['entries']} entries")
+    else:
+        click.echo(f"full transfer requested from {len(result['peers'])} peer(s)")
+
+
+@click.command("bulk-send", epilog=EPILOG)
+@socket_option
+def bulk_send_cmd(socket_path: str) -> None:
+    """Send the whole internal cache to the peers (conntrackd -B)."""
+    result = call_agent(socket_path, "bulk-send")
+    click.echo(f"{result['entries']} entries queued for sending")
+
+
+@click.command("statistics", epilog=EPILOG)
+@socket_option
+@json_option
+def show_statistics(socket_path: str, as_json: bool) -> None:
+    """Sync statistics, in the layout of `conntrackd -s` (VyOS)."""
+    from ctsync.cli.render_sync import render_statistics
+    from ctsync.core.stats import snapshot_from_dict
+
+    result = call_agent(socket_path, "statistics")
+    if as_json:
+        click.echo(_json(result))
+    else:
+        click.echo(render_statistics(snapshot_from_dict(result)), nl=False)
+
+
+@click.command("status", epilog=EPILOG)
+@socket_option
+@json_option
+def show_status(socket_path: str, as_json: bool) -> None:
+    """Sync status, as VyOS `show conntrack-sync status`, plus peers."""
+    from ctsync.cli.render_sync import render_status
+
+    result = call_agent(socket_path, "status")
+    click.echo(_json(result) if as_json else render_status(result))
+
+
+@click.command("cache", epilog=EPILOG)
+@click.argument("which", type=click.Choice(["internal", "external"]))
+@selection_options
+@click.option("--count", is_flag=True, help="Print only the number of matching entries.")
+@socket_option
+@json_option
+def show_cache(
+    *,
+    which: str,
+    proto: int | None,
+    src: IPNetwork | None,
+    dst: IPNetwork | None,
+    sport: int | None,
+    dport: int | None,
+    mark: tuple[int, int] | None,
+    zone: int | None,
+    state: str | None,
+    count: bool,
+    socket_path: str,
+    as_json: bool,
+) -> None:
+    """Entries of the internal or external cache, in conntrack(8) line format."""
+    from ctsync.cli.render_sync import render_cache_lines
+
+    selector = build_selector(proto, src, dst, sport, dport, mark, zone, state)
+    args = {"which": which, "filter": selector.to_args(), "count": count}
+    result = call_agent(socket_path, "cache", args)
+    if count:
+        click.echo(str(result["count"]))
+    elif as_json:
+        click.echo(_json(result["entries"]))
+    else:
+        click.echo(render_cache_lines(result["entries"]), nl=False)
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2)
