@@ -790,6 +790,13 @@ def bench_commit(args: argparse.Namespace, out: Path) -> Json:
             rb.pop("series", None)
             rb["counters"] = {k: v for k, v in rb["counters"].items() if k == "fw2"}
             ctd.append(rb)
+            # same global state for ctsync as conntrackd had during its commit: fw1 holds N,
+            # fw2 is empty (the conntrack hash table is shared by all namespaces, so every
+            # entry elsewhere lengthens the chains an insert walks)
+            fw2 = bench.nodes[1]
+            cb.kernel_flush(fw2.ns)
+            if fw2.kcount.read_int() != 0:
+                raise RuntimeError("fw2 not empty after flush")
             for variant in ("paused", "unpaused"):
                 cs.append(ctsync_commit_rep(args, cb.NFT_RULES, variant, rep))
     finally:

@@ -18,6 +18,7 @@ ports or ICMP, no rare attributes) use precomputed attribute headers and a few j
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from typing import Final
 
 from ctsync.core import ctnetlink as nl
@@ -126,7 +127,7 @@ def commit_entry(entry: Entry, timeout: int | None = None, *, with_nat: bool = T
     status = ((entry.status or 0) & _SETTABLE_STATUS) | _CONFIRMED
     return Entry(
         orig,
-        orig.inverted(),
+        replace(orig.inverted(), zone=reply.zone),  # NAT comes from the bindings
         status=status,
         timeout=timeout if timeout is not None else max(entry.timeout or 0, 1),
         mark=entry.mark or 0,

@@ -154,15 +154,20 @@ class CtTuple:
         return socket.inet_ntop(self.family, self.dst)
 
     def inverted(self) -> CtTuple:
-        """The tuple of the other direction without NAT (nf_ct_invert_tuple)."""
+        """The tuple of the other direction without NAT (nf_ct_invert_tuple).
+
+        A directional zone belongs to one direction only: the inverse has none."""
         if self.proto in ICMP_PROTOCOLS:
             return replace(
                 self,
                 src=self.dst,
                 dst=self.src,
                 icmp_type=invert_icmp_type(self.proto, self.icmp_type),
+                zone=None,
             )
-        return replace(self, src=self.dst, dst=self.src, sport=self.dport, dport=self.sport)
+        return replace(
+            self, src=self.dst, dst=self.src, sport=self.dport, dport=self.sport, zone=None
+        )
 
 
 # ICMP request -> reply types, both ways (nf_conntrack_proto_icmp{,v6}.c invmap).

@@ -321,23 +321,27 @@ def parse_ct(buf: Buffer, start: int, end: int) -> Parsed:
     if zone:
         key = bytes((key[0] | KEY_ZONE,)) + key[1:] + _ZONE.pack(zone)
     tail = b""
-    if reply_s >= 0 and status & _NAT_MASK:
-        if kind == KEY_RAW:
+    if reply_s >= 0:
+        # A compact reply (12 or 36 bytes) when there is NAT and the reply has the
+        # original's layout; the raw CTA_TUPLE_REPLY (a rare attribute) when the original
+        # has no compact key or the reply carries a directional zone; else nothing: the
+        # reply is the inverse of the original.
+        compact = None if kind == KEY_RAW else _compact_tuple(buf, reply_s, reply_e)
+        if compact is not None and compact[0] == kind:
+            if status & _NAT_MASK:
+                body = compact[1]
+                if kind in (KEY_V4_PORTS, KEY_V6_PORTS):
+                    size = 4 if kind == KEY_V4_PORTS else 16
+                    tail = body[1 : 1 + 2 * size] + body[2 + 2 * size :]  # no kind, no proto
+                else:
+                    tail = body[1:]  # no kind byte
+                proto_flag |= VAL_REPLY
+        else:
+            nl.decode_tuple(buf, reply_s, reply_e)  # validates, raises on garbage
             raw_reply = _tlv_build(
                 nl.CTA_TUPLE_REPLY | nl.NLA_F_NESTED, bytes(buf[reply_s:reply_e])
             )
             rare = [*(rare or []), raw_reply]
-        else:
-            compact = _compact_tuple(buf, reply_s, reply_e)
-            if compact is None or compact[0] != kind:
-                raise CtnetlinkError("reply tuple of another layout than the original")
-            body = compact[1]
-            if kind in (KEY_V4_PORTS, KEY_V6_PORTS):
-                size = 4 if kind == KEY_V4_PORTS else 16
-                tail = body[1 : 1 + 2 * size] + body[2 + 2 * size :]  # no kind, no proto
-            else:
-                tail = body[1:]  # no kind byte
-            proto_flag |= VAL_REPLY
     if rare:
         proto_flag |= VAL_RARE
         ordered: list[bytes] = sorted(rare, key=_rare_order)
@@ -401,7 +405,7 @@ def merge_value(old: bytes, parts: Parsed) -> bytes:
     Fields the update did not carry keep their old value; rare attributes it carried
     replace the old ones of the same type; the compact reply never changes once known.
     """
-    _, present, status, timeout, mark, ct_id, proto_flag, proto_bytes, tail = parts
+    key, present, status, timeout, mark, ct_id, proto_flag, proto_bytes, tail = parts
     o_flags, o_status, o_timeout, o_mark, o_id = _FIXED.unpack_from(old, 0)
     if present != P_ALL_FIXED:
         if not present & P_STATUS:
@@ -427,14 +431,19 @@ def merge_value(old: bytes, parts: Parsed) -> bytes:
         new_flags |= o_flags & VAL_REPLY
         new_tail = o_tail
     else:
-        new_tail, extra = _merge_tail(o_flags, o_tail, proto_flag, tail)
+        reply_size = reply_size_of(key)
+        new_tail, extra = _merge_tail(o_flags, o_tail, proto_flag, tail, reply_size)
         new_flags = (new_flags & ~(VAL_REPLY | VAL_RARE)) | extra
     return _pack_fixed(new_flags, status, timeout, mark, ct_id) + proto_bytes + new_tail
 
 
-def _merge_tail(o_flags: int, o_tail: bytes, n_flags: int, n_tail: bytes) -> tuple[bytes, int]:
-    reply_len_o = _reply_len_of_tail(o_flags, o_tail)
-    reply_len_n = _reply_len_of_tail(n_flags, n_tail)
+def _merge_tail(
+    o_flags: int, o_tail: bytes, n_flags: int, n_tail: bytes, reply_size: int
+) -> tuple[bytes, int]:
+    reply_len_o = reply_size if o_flags & VAL_REPLY else 0
+    reply_len_n = reply_size if n_flags & VAL_REPLY else 0
+    if len(o_tail) < reply_len_o or len(n_tail) < reply_len_n:
+        raise CtnetlinkError("record tail shorter than its compact reply")
     reply = n_tail[:reply_len_n] if reply_len_n else o_tail[:reply_len_o]
     flags = VAL_REPLY if reply else 0
     rare: dict[int, bytes] = {}
@@ -451,29 +460,10 @@ def _type_order(atype: int) -> int:
     return _RARE_TYPES.index(atype) if atype in _RARE_SET else len(_RARE_TYPES) + atype
 
 
-def _reply_len_of_tail(flags: int, tail: bytes) -> int:
-    """Length of the compact reply at the start of a tail (0 when absent)."""
-    if not flags & VAL_REPLY:
-        return 0
-    if not flags & VAL_RARE:
-        return len(tail)
-    # The reply's size follows from the key kind, which the tail does not know; the
-    # rare TLVs start where a valid TLV header chain covers the rest exactly.
-    for size in (_R_V4_PORTS.size, _R_V4_ICMP.size, _R_V6_PORTS.size, _R_V6_ICMP.size):
-        if size <= len(tail) and _tlv_chain_ok(tail, size):
-            return size
-    raise CtnetlinkError("cannot find the compact reply in a record tail")
-
-
-def _tlv_chain_ok(tail: bytes, start: int) -> bool:
-    off = start
-    n = len(tail)
-    while off + 4 <= n:
-        alen = _unpack_nla(tail, off)[0]
-        if alen < 4 or off + alen > n:
-            return False
-        off += (alen + 3) & ~3
-    return off == n
+def reply_size_of(key: bytes) -> int:
+    """Size of the compact reply a record with this key may hold (0: none possible)."""
+    st = _REPLY_STRUCTS.get(key[0] & ~KEY_ZONE) if key else None
+    return 0 if st is None else st.size
 
 
 def _iter_tlvs(tail: bytes, start: int) -> list[tuple[int, bytes]]:
@@ -641,10 +631,10 @@ def from_entry(entry: Entry) -> tuple[bytes, bytes]:
     tail = b""
     rare: list[bytes] = []
     status = entry.status or 0
-    if entry.reply is not None and entry.reply != entry.orig.inverted():
-        if kind == KEY_RAW:
+    if entry.reply is not None:
+        if kind == KEY_RAW or entry.reply.zone is not None:
             rare.append(nl.encode_tuple(nl.CTA_TUPLE_REPLY, entry.reply))
-        else:
+        elif entry.reply != entry.orig.inverted():
             tail = _compact_reply(kind, entry.reply)
             flags |= VAL_REPLY
     only_rare = Entry(

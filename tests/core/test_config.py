@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
+import subprocess
+import sys
+import tempfile
 import tomllib
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -568,10 +572,31 @@ def test_key_file_must_be_a_regular_file(tmp_path: Path) -> None:
     assert check_files(config) == [("auth.key-file", f"{tmp_path} is not a regular file")]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_unreadable_key_file(tmp_path: Path) -> None:
-    key = write_key(tmp_path, mode=0o000)
-    ((name, message),) = check_files(load_config(write_config(tmp_path, key), check_files=False))
+    if os.geteuid() != 0:
+        key = write_key(tmp_path, mode=0o000)
+        ((name, message),) = check_files(
+            load_config(write_config(tmp_path, key), check_files=False)
+        )
+    else:
+        # Root reads any file: check as an unprivileged user instead (setpriv, util-linux),
+        # in a directory that user may enter (pytest's tmp_path parents are 0700).
+        with tempfile.TemporaryDirectory() as tmp:
+            where = Path(tmp)
+            where.chmod(0o755)
+            key = write_key(where, mode=0o000)
+            config_path = write_config(where, key)
+            probe = (
+                "import sys; from ctsync.config import check_files, load_config; "
+                "print(check_files(load_config(sys.argv[1], check_files=False)))"
+            )
+            done = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                 sys.executable, "-c", probe, str(config_path)],
+                capture_output=True, text=True, check=False, cwd=Path(__file__).parents[2],
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            ((name, message),) = ast.literal_eval(done.stdout)
     assert name == "auth.key-file"
     assert message.startswith(f"cannot read {key}")
 

@@ -301,6 +301,8 @@ def test_protocol_specific_tuple_fields() -> None:
         assert proto_attrs(make_tuple(*v4, proto, 1, 2)) == [1, 2, 3]
     assert proto_attrs(make_tuple(*v4, IPPROTO_GRE, 0x10, 0x20)) == [1, 2, 3]  # GRE keys
     assert proto_attrs(make_tuple(*v4, 4)) == [1]  # IPIP: protocol number only
+    # DCCP without ports: how kernels >= 6.16 (generic tracking) send it.
+    assert proto_attrs(make_tuple(*v4, IPPROTO_DCCP)) == [1]
     # Ports of a non-port protocol are not encoded, so they do not round-trip.
     odd = make_tuple(*v4, 4, 1, 2)
     payload = nl.encode_tuple_payload(odd)

@@ -315,11 +315,13 @@ def test_parse_ct_ignores_a_changed_reply_without_nat_bits() -> None:
     assert r.to_entry(key, value).reply == V4_TCP.inverted()
     # from_entry, which has no status rule, keeps it.
     assert r.to_entry(*r.from_entry(entry)).reply == V4_TCP_DNAT_REPLY
+    # Without a compact key (here: IPIP, no ports) the reply is always kept, raw.
     raw = Entry(make_tuple("192.0.2.1", "198.51.100.1", 4), status=0x0E)
     raw = replace(raw, reply=make_tuple("198.51.100.9", "192.0.2.1", 4))
     key, value = record_of(raw)
-    assert value == r.build_value(0x0E, 0, 0, 0, 0, b"", b"")
-    assert r.to_entry(key, value).reply == raw.orig.inverted()
+    assert value[0] & r.VAL_RARE
+    assert r.to_entry(key, value).reply == raw.reply
+    assert (key, value) == r.from_entry(raw)
 
 
 @PROPERTY
@@ -400,13 +402,19 @@ def test_parse_ct_fallback_for_non_canonical_tuples() -> None:
         assert r.decode_key(key) == (V4_TCP, None)
 
 
-def test_parse_ct_orig_directional_zone_minimal() -> None:
-    """BUG reproducer: with a zone on the original direction only (``ct original zone set
-    7``), the kernel reports the reply tuple without CTA_TUPLE_ZONE and no NAT bits.
-    parse_ct drops the reply, and to_entry rebuilds it as ``orig.inverted()``, which
-    copies the original's zone into the reply; from_entry keeps the reply instead."""
-    orig = replace(V4_TCP, zone=7)
-    reply = replace(V4_TCP.inverted(), zone=None)
+@pytest.mark.parametrize(
+    ("orig", "reply"),
+    [
+        pytest.param(replace(V4_TCP, zone=7), V4_TCP.inverted(), id="orig-zone"),
+        pytest.param(V4_TCP, replace(V4_TCP.inverted(), zone=9), id="reply-zone"),
+    ],
+)
+def test_parse_ct_directional_zone_minimal(orig: CtTuple, reply: CtTuple) -> None:
+    """BUG reproducer: with a zone on one direction only (``ct original zone set 7`` /
+    ``ct reply zone set 9``), the kernel puts CTA_TUPLE_ZONE in that direction's tuple
+    only, and sets no NAT bit. parse_ct drops the reply, and to_entry rebuilds it as
+    ``orig.inverted()``, which copies the original's zone into the reply (orig-zone) or
+    has no reply zone (reply-zone); from_entry keeps the reply instead."""
     entry = Entry(orig, reply, status=0x18E, timeout=5)
     key, value = record_of(entry)
     assert r.to_entry(key, value).reply == reply
