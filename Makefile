@@ -31,8 +31,8 @@ $(BIN)/.installed: pyproject.toml
 venv: deps $(BIN)/.installed
 
 lint: venv
-	$(BIN)/ruff check ctsync tests bench
-	$(BIN)/ruff format --check ctsync tests bench
+	$(BIN)/ruff check ctsync tests bench scripts
+	$(BIN)/ruff format --check ctsync tests bench scripts
 
 typecheck: venv
 	$(BIN)/mypy

@@ -48,7 +48,8 @@ def serve(family, addr, port):
     s.bind((addr, port)); s.listen(64)
     while True:
         c, _ = s.accept()
-        threading.Thread(target=lambda c=c: [c.sendall(d) for d in iter(lambda: c.recv(4096), b"")], daemon=True).start()
+        echo = lambda c=c: [c.sendall(d) for d in iter(lambda: c.recv(4096), b"")]
+        threading.Thread(target=echo, daemon=True).start()
 for fam, addr in ((socket.AF_INET, "198.51.100.2"), (socket.AF_INET6, "2001:db8:2::2")):
     for port in (8080, 5001):
         threading.Thread(target=serve, args=(fam, addr, port), daemon=True).start()
@@ -101,7 +102,9 @@ def setup() -> None:
     run("ip", "-6", "route", "add", "default", "via", "2001:db8:2::1", ns=SERVER)
     run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=FW)
     run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=FW)
-    subprocess.run(["ip", "netns", "exec", FW, "nft", "-f", "-"], input=FW_RULESET, text=True, check=True)
+    subprocess.run(
+        ["ip", "netns", "exec", FW, "nft", "-f", "-"], input=FW_RULESET, text=True, check=True
+    )
 
 
 def main() -> int:
