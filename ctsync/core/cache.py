@@ -156,7 +156,9 @@ class Cache:
             self.counters.created += 1
             return Change.NEW
         value = record.merge_value(old, parts)
-        if value == old:
+        if value == old or (value[:5] == old[:5] and value[9:] == old[9:]):
+            # Only the timeout differs: it counts down in the kernel, and a dump always
+            # shows a smaller one. Not news: keep the cached record (and the digest) as is.
             return Change.UNCHANGED
         if self._filtering and not self.filter.accepts(key, value):
             # conntrackd ignores updates its filter rejects; the entry keeps its last state.

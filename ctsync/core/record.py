@@ -30,6 +30,7 @@ rebuild the NAT binding.
 
 from __future__ import annotations
 
+import operator
 import struct
 from typing import Final
 
@@ -219,6 +220,29 @@ Parsed = tuple[bytes, int, int, int, int, int, int, bytes, bytes]
 def parse_ct(buf: Buffer, start: int, end: int) -> Parsed:
     """Parse a CT_NEW/CT_DELETE body into record parts without building an Entry.
 
+    The kernel sends a few fixed attribute layouts over and over (an event of a TCP
+    connection: the two tuples, id, status, timeout, protoinfo, ...): the first message of
+    each layout is parsed attribute by attribute and teaches a whole-message struct, so the
+    next ones take one ``unpack`` and a header check (:class:`_Layout`). See
+    :func:`_parse_walk` for the result.
+    """
+    candidates = _LAYOUTS.get(end - start)
+    if candidates is not None:
+        for layout in candidates:
+            parts = layout.parse(buf, start)
+            if parts is not None:
+                return parts
+    parts = _parse_walk(buf, start, end)
+    if len(_LAYOUTS) < _MAX_LAYOUT_LENGTHS and (candidates is None or len(candidates) < 4):
+        learned = _Layout.learn(buf, start, end)
+        if learned is not None:
+            _LAYOUTS.setdefault(end - start, []).append(learned)
+    return parts
+
+
+def _parse_walk(buf: Buffer, start: int, end: int) -> Parsed:
+    """Parse a CT_NEW/CT_DELETE body attribute by attribute (any layout).
+
     Returns ``(key, present, status, timeout, mark, id, proto_flag, proto_bytes, tail)``
     where ``present`` has P_* bits for the fixed fields the message carried, ``proto_flag``
     is VAL_TCP/SCTP/DCCP or 0, and ``tail`` is the compact reply (when NATed) followed by
@@ -357,6 +381,183 @@ def _tlv_build(atype: int, payload: bytes) -> bytes:
 def _rare_order(tlv: bytes) -> int:
     atype = _unpack_nla(tlv, 0)[1] & 0x3FFF
     return _RARE_TYPES.index(atype) if atype in _RARE_SET else len(_RARE_TYPES)
+
+
+_MAX_LAYOUT_LENGTHS: Final = 64
+_LAYOUTS: dict[int, list[_Layout]] = {}
+_PORTS_TUPLE_FMT: Final = {
+    4: "I I4s I4s I I B3x I 2s2x I 2s2x",
+    16: "I I16s I16s I I B3x I 2s2x I 2s2x",
+}
+_PORTS_TUPLE_HDRS: Final = {4: _H_V4_PORTS, 16: _H_V6_PORTS}
+_SKIPPED_TYPES: Final = frozenset(
+    {nl.CTA_USE, nl.CTA_COUNTERS_ORIG, nl.CTA_COUNTERS_REPLY, nl.CTA_TIMESTAMP,
+     nl.CTA_TIMESTAMP_EVENT, nl.CTA_SECMARK}
+)  # fmt: skip
+_FIXED_U32: Final = {nl.CTA_STATUS: P_STATUS, nl.CTA_TIMEOUT: P_TIMEOUT, nl.CTA_MARK: P_MARK,
+                     nl.CTA_ID: P_ID}  # fmt: skip
+_ZERO_SYNPROXY_BODY: Final = _ZERO_SYNPROXY[4:]
+
+
+class _Layout:
+    """One message layout the kernel sends, as a single native struct over the whole body.
+
+    Learned only from layouts made of attributes it can take apart at fixed offsets (the
+    IPv4/IPv6 ports tuples, the u32 fields, TCP protoinfo, a zero synproxy, attributes the
+    cache ignores); a message whose headers do not all match is parsed the slow way.
+    """
+
+    __slots__ = (
+        "_hdr_idx",
+        "_hdrs",
+        "_orig",
+        "_reply",
+        "_size",
+        "_st",
+        "_syn",
+        "_tcp",
+        "_u32",
+        "kind",
+        "present",
+    )  # fmt: skip
+
+    def __init__(self, fmt: str, hdr_idx: list[int], hdrs: tuple[int, ...], size: int,
+                 orig: int, reply: int, u32: dict[str, int], tcp: int, syn: int,
+                 present: int) -> None:  # fmt: skip
+        self._st = struct.Struct("=" + fmt)
+        self._hdr_idx = operator.itemgetter(*hdr_idx)
+        self._hdrs = hdrs
+        self._size = size
+        self._orig = orig
+        self._reply = reply
+        self._u32 = tuple(u32.get(name, -1) for name in ("status", "timeout", "mark", "id"))
+        self._tcp = tcp
+        self._syn = syn
+        self.present = present
+        self.kind = KEY_V4_PORTS if size == 4 else KEY_V6_PORTS
+
+    @classmethod
+    def learn(cls, buf: Buffer, start: int, end: int) -> _Layout | None:
+        fmt: list[str] = []
+        hdr_idx: list[int] = []
+        hdrs: list[int] = []
+        n = 0  # values the struct yields so far
+        size = orig = reply = tcp = syn = -1
+        u32: dict[str, int] = {}
+        present = 0
+        off = start
+        while off + 4 <= end:
+            alen, atype = _unpack_nla(buf, off)
+            if alen < 4 or off + alen > end:
+                return None
+            pad = -alen & 3
+            t = atype & 0x3FFF
+            header = _hdr(alen, atype)
+            if t in (nl.CTA_TUPLE_ORIG, nl.CTA_TUPLE_REPLY):
+                compact = _compact_tuple(buf, off + 4, off + alen)
+                if compact is None or compact[0] not in (KEY_V4_PORTS, KEY_V6_PORTS):
+                    return None
+                tsize = 4 if compact[0] == KEY_V4_PORTS else 16
+                if size not in (-1, tsize):
+                    return None
+                size = tsize
+                fmt.append("I " + _PORTS_TUPLE_FMT[tsize])
+                hdr_idx.append(n)
+                hdrs.append(header)
+                inner = [n + 1, n + 2, n + 4, n + 6, n + 7, n + 9, n + 11]
+                hdr_idx.extend(inner)
+                hdrs.extend(_PORTS_TUPLE_HDRS[tsize])
+                if t == nl.CTA_TUPLE_ORIG:
+                    orig = n
+                else:
+                    reply = n
+                n += 13
+            elif t in _FIXED_U32 and alen == 8:
+                fmt.append("I 4s")
+                hdr_idx.append(n)
+                hdrs.append(header)
+                u32[{nl.CTA_STATUS: "status", nl.CTA_TIMEOUT: "timeout", nl.CTA_MARK: "mark",
+                     nl.CTA_ID: "id"}[t]] = n + 1  # fmt: skip
+                present |= _FIXED_U32[t]
+                n += 2
+            elif t == nl.CTA_PROTOINFO and alen == 48:
+                v = _P_TCP.unpack_from(buf, off + 4)
+                if (v[0], v[1], v[3], v[5], v[7], v[10]) != _H_P_TCP:
+                    return None
+                fmt.append("I I IB3x IB3x IB3x IBB2x IBB2x")
+                hdr_idx.extend([n, n + 1, n + 2, n + 4, n + 6, n + 8, n + 11])
+                hdrs.extend((header, *_H_P_TCP))
+                tcp = n
+                present |= P_PROTO
+                n += 14
+            elif t == nl.CTA_SYNPROXY and alen == 28:
+                fmt.append("I 24s")
+                hdr_idx.append(n)
+                hdrs.append(header)
+                syn = n + 1
+                n += 2
+            elif t in _SKIPPED_TYPES:
+                fmt.append(f"I {alen - 4 + pad}x" if alen - 4 + pad else "I")
+                hdr_idx.append(n)
+                hdrs.append(header)
+                n += 1
+            else:
+                return None
+            off += alen + pad
+        if orig < 0 or off != end:
+            return None
+        return cls(" ".join(fmt), hdr_idx, tuple(hdrs), size, orig, reply, u32, tcp, syn,
+                   present)  # fmt: skip
+
+    def parse(self, buf: Buffer, start: int) -> Parsed | None:
+        try:
+            v = self._st.unpack_from(buf, start)
+        except struct.error:
+            return None
+        if self._hdr_idx(v) != self._hdrs:
+            return None
+        o = self._orig
+        proto = v[o + 8]
+        if proto not in PORT_PROTOCOLS:
+            return None
+        syn = self._syn
+        if syn >= 0 and v[syn] != _ZERO_SYNPROXY_BODY:
+            return None  # a live synproxy entry: the slow path keeps the attribute
+        i_status, i_timeout, i_mark, i_id = self._u32
+        status = _from_be(v[i_status]) if i_status >= 0 else 0
+        kind = self.kind
+        key = (_K_V4_PORTS if kind == KEY_V4_PORTS else _K_V6_PORTS).pack(
+            kind, v[o + 3], v[o + 5], proto, v[o + 10], v[o + 12]
+        )
+        flags = 0
+        proto_bytes = b""
+        t = self._tcp
+        if t >= 0:
+            flags = VAL_TCP
+            proto_bytes = _TCP.pack(v[t + 3], v[t + 5], v[t + 7], v[t + 9], v[t + 10], v[t + 12],
+                                    v[t + 13])  # fmt: skip
+        tail = b""
+        r = self._reply
+        if r >= 0 and status & _NAT_MASK:
+            if v[r + 8] != proto:
+                return None
+            tail = v[r + 3] + v[r + 5] + v[r + 10] + v[r + 12]
+            flags |= VAL_REPLY
+        return (
+            key,
+            self.present,
+            status,
+            _from_be(v[i_timeout]) if i_timeout >= 0 else 0,
+            _from_be(v[i_mark]) if i_mark >= 0 else 0,
+            _from_be(v[i_id]) if i_id >= 0 else 0,
+            flags,
+            proto_bytes,
+            tail,
+        )
+
+
+def _from_be(raw: bytes) -> int:
+    return int.from_bytes(raw, "big")
 
 
 def _pack_protoinfo(info: TcpInfo | SctpInfo | DccpInfo) -> tuple[int, bytes]:

@@ -41,7 +41,8 @@ def test_new_then_partial_update_merges_fields() -> None:
     cache = Cache("internal")
     assert cache.update(event(tcp(mark=5, labels=bits_to_labels([3])))) is Change.NEW
     # An UPDATE that carries no mark, labels nor protoinfo keeps them.
-    partial = Entry(tcp().orig, tcp().reply, status=tcp().status, timeout=120, id=7)
+    status = (tcp().status or 0) | Status.FIXED_TIMEOUT
+    partial = Entry(tcp().orig, tcp().reply, status=status, timeout=120, id=7)
     assert cache.update(event(partial)) is Change.UPDATED
     (entry,) = list(cache.entries())
     assert entry.timeout == 120
@@ -162,3 +163,17 @@ def test_digest_is_order_independent_and_tracks_every_change() -> None:
     assert a.digest == b.digest
     b.clear()
     assert b.digest == [0] * DIGEST_BUCKETS
+
+
+def test_a_timeout_only_change_is_not_news() -> None:
+    """A dump shows every entry with a smaller timeout than its last event did: keeping
+    the cached record avoids re-sending the whole table after each reconcile."""
+    cache = Cache("internal", digest=True)
+    cache.update(event(tcp(timeout=431999)))
+    digest = list(cache.digest or [])
+    assert cache.update(event(tcp(timeout=431000))) is Change.UNCHANGED
+    assert cache.digest == digest
+    (entry,) = list(cache.entries())
+    assert entry.timeout == 431999
+    assert cache.update(event(tcp(timeout=120, mark=3))) is Change.UPDATED
+    assert next(iter(cache.entries())).timeout == 120
