@@ -22,6 +22,8 @@ from ctsync.core.entry import Entry
 from ctsync.core.filter import ACCEPT_ALL, EntryFilter
 
 DIGEST_BUCKETS = 256
+_ALL_FIXED = record.P_ALL_FIXED
+_VAL_RARE = record.VAL_RARE
 _crc32 = zlib.crc32
 
 
@@ -155,7 +157,10 @@ class Cache:
                 self._digest_swap(key, None, value)
             self.counters.created += 1
             return Change.NEW
-        value = record.merge_value(old, parts)
+        if parts[1] == _ALL_FIXED and not old[0] & _VAL_RARE:
+            value = record.value_from_parts(parts)  # complete: nothing to merge from old
+        else:
+            value = record.merge_value(old, parts)
         if value == old or (value[:5] == old[:5] and value[9:] == old[9:]):
             # Only the timeout differs: it counts down in the kernel, and a dump always
             # shows a smaller one. Not news: keep the cached record (and the digest) as is.

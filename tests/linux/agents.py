@@ -222,7 +222,8 @@ class Flow:
 
     def insert_line(self, mark: int = 0, timeout: int = 3600) -> str:
         extra = " -u SEEN_REPLY,ASSURED --state ESTABLISHED" if self.proto == "tcp" else ""
-        return f"-I {self.tuple_args()} -t {timeout} -m {mark}{extra}"
+        # The mark goes last: conntrack 1.4.7 mangles a -m that precedes -u (-m 1 gives 6).
+        return f"-I {self.tuple_args()} -t {timeout}{extra} -m {mark}"
 
     def delete_line(self) -> str:
         return f"-D {self.tuple_args()}"
@@ -252,8 +253,24 @@ def insert_flows(ns: Namespace, flows: Sequence[Flow], tmp: Path, mark: int = 0)
     conntrack_restore(ns, [f.insert_line(mark) for f in flows], tmp)
 
 
-def delete_flows(ns: Namespace, flows: Sequence[Flow], tmp: Path) -> None:
-    conntrack_restore(ns, [f.delete_line() for f in flows], tmp)
+def delete_flows(ns: Namespace, flows: Sequence[Flow]) -> None:
+    """Delete the flows' entries (ctnetlink delete, like ``conntrack -D``).
+
+    ``conntrack -D`` (and ``-R`` with ``-D`` lines) dumps the whole table for every entry
+    it deletes: 1,000 deletes of a 5,000-entry table take 30 s. ctsync's Committer, run
+    from this thread moved into the namespace, sends them in batches.
+    """
+    from ctsync.core.entry import make_tuple
+    from ctsync.io.netlink import Committer
+
+    protos = {"tcp": 6, "udp": 17}
+    targets = [
+        (make_tuple(f.src, f.dst, protos[f.proto], f.sport, f.dport), None) for f in flows
+    ]
+    with in_netns(ns.name), Committer() as committer:
+        done, failed = committer.delete_many(targets)
+    if failed:
+        raise AssertionError(f"{failed} of {len(targets)} deletes failed")
 
 
 def set_marks(ns: Namespace, marks: Mapping[CtKey, int]) -> int:
@@ -500,15 +517,23 @@ class Cluster:
 
     # --- convergence ---------------------------------------------------------------------
 
-    def divergence(self, owners: Iterable[int] | None = None) -> str:
+    def divergence(self, nodes: Iterable[int] | None = None) -> str:
         """How the caches differ from what they must be ("" when converged).
 
-        For every running owner: its internal cache equals its kernel table (by key), and
-        every other running node's external cache of it equals its internal cache.
+        Among *nodes* (default: every running one): each node's internal cache holds its
+        kernel table (by key), and every other node's external cache of it equals its
+        internal cache (keys and :data:`STABLE_FIELDS`).
         """
-        running = [n.node_id for n in self.running()]
+        running = sorted(nodes) if nodes is not None else [n.node_id for n in self.running()]
+        counts = self.count_divergence(running)
+        if counts:
+            return counts  # cheap: no need to fetch thousands of entries yet
+        externals = {
+            node_id: self.query(node_id, "cache", {"which": "external"})["entries"]
+            for node_id in running
+        }
         problems = []
-        for owner in owners if owners is not None else running:
+        for owner in running:
             internal = self.internal(owner)
             kernel = kernel_keys(self.nodes[owner].ns)
             if set(internal) != kernel:
@@ -519,17 +544,37 @@ class Cluster:
             for other in running:
                 if other == owner:
                     continue
-                text = diff_views(internal, self.external(other, owner))
+                view = cache_view(e for e in externals[other] if e.get("peer") == owner)
+                text = diff_views(internal, view)
                 if text:
                     problems.append(f"fw{other}'s external cache of fw{owner}: {text}")
         return "\n".join(problems)
 
-    def wait_converged(self, owners: Iterable[int] | None = None, timeout: float = 30.0) -> None:
-        owner_list = list(owners) if owners is not None else None
+    def count_divergence(self, nodes: Sequence[int]) -> str:
+        """Like :meth:`divergence`, on entry counts only (from ``statistics``)."""
+        stats = {node_id: self.stats(node_id) for node_id in nodes}
+        problems = []
+        for owner in nodes:
+            internal = stats[owner]["internal"]["active"]
+            for other in nodes:
+                if other == owner:
+                    continue
+                peers = {p["node"]: p["external_entries"] for p in stats[other]["peers"]}
+                if peers.get(owner, 0) != internal:
+                    problems.append(
+                        f"fw{other} holds {peers.get(owner, 0)} entries of fw{owner}, "
+                        f"which has {internal}"
+                    )
+        return "\n".join(problems)
+
+    def wait_converged(self, nodes: Iterable[int] | None = None, timeout: float = 30.0) -> float:
+        """Poll :meth:`divergence` until it is empty; return how long that took."""
+        node_list = list(nodes) if nodes is not None else None
         last = [""]
+        started = time.monotonic()
 
         def converged() -> bool:
-            last[0] = self.divergence(owner_list)
+            last[0] = self.divergence(node_list)
             return not last[0]
 
         wait_until(
@@ -539,6 +584,7 @@ class Cluster:
             interval=0.25,
             describe=lambda: last[0] + "\n" + self.describe(),
         )
+        return time.monotonic() - started
 
     def describe(self) -> str:
         """Peers and main counters of every running agent (for failure messages)."""
@@ -569,7 +615,7 @@ class Cluster:
         rules = ""
         if per_mille:
             rules = (
-                f"udp dport {SYNC_PORT} numgen random mod 1000 < {per_mille} counter drop\n"
+                f'oifname "s*" udp dport {SYNC_PORT} numgen random mod 1000 < {per_mille} counter drop\n'
             )
         self.switch.nft(
             "table bridge loss {}\ndelete table bridge loss\n"
@@ -596,3 +642,160 @@ def sum_sync(stats: Iterable[Mapping[str, Any]], name: str) -> int:
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+# --------------------------------------------------------------------------- failover site
+
+LAN_IF = "lan0"
+WAN_IF = "wan0"
+CLIENT_ADDR = "192.0.2.100"
+SERVER_ADDR = "198.51.100.100"
+VIP_LAN = "192.0.2.1"
+VIP_WAN = "198.51.100.1"
+FW_LAN = {1: "192.0.2.11", 2: "192.0.2.12"}
+FW_WAN = {1: "198.51.100.11", 2: "198.51.100.12"}
+
+#: A firewall that can fail a test: strict TCP tracking (with nf_conntrack_tcp_loose=0),
+#: invalid packets dropped and counted, new connections only from the LAN, client traffic
+#: SNATed to the server-side VIP (the same mapping on both nodes, unlike masquerade), and
+#: the sync link untracked.
+FAILOVER_RULESET = f"""\
+flush ruleset
+table inet fw {{
+    chain raw_pre {{
+        type filter hook prerouting priority raw; policy accept;
+        iifname "{SYNC_IF}" notrack
+    }}
+    chain raw_out {{
+        type filter hook output priority raw; policy accept;
+        oifname "{SYNC_IF}" notrack
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+        ct state invalid counter name invalid_fwd drop
+        ct state established,related accept
+        iifname "{LAN_IF}" oifname "{WAN_IF}" ct state new accept
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        ct state invalid counter name invalid_in drop
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "{WAN_IF}" ip saddr 192.0.2.0/24 snat ip to {VIP_WAN}
+    }}
+    counter invalid_fwd {{ }}
+    counter invalid_in {{ }}
+}}
+"""
+
+
+def send_garp(ns: Namespace, ifname: str, address: str, count: int = 3) -> None:
+    """Gratuitous ARP (a request for our own address, as ``arping -U``) from *ifname*.
+
+    Neighbours that cache *address* take the sender's MAC, as after a VRRP failover.
+    """
+    import socket
+    import struct
+
+    ip = socket.inet_aton(address)
+    with in_netns(ns.name), socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.bind((ifname, 0))
+        mac: bytes = sock.getsockname()[4]
+        frame = b"\xff" * 6 + mac + struct.pack("!H", 0x0806)
+        frame += struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip + b"\x00" * 6 + ip
+        for _ in range(count):
+            sock.send(frame)
+
+
+@dataclass
+class FailoverSite:
+    """client -- LAN bridge -- fw1/fw2 -- WAN bridge -- server, plus the sync segment.
+
+    fw1 holds both VIPs at start; ``fw`` nodes come from :attr:`cluster`.
+    """
+
+    cluster: Cluster
+    client: Namespace
+    server: Namespace
+
+    def fw(self, node_id: int) -> Namespace:
+        return self.cluster[node_id].ns
+
+    def add_vips(self, node_id: int) -> None:
+        ns = self.fw(node_id)
+        add_addr(ns, LAN_IF, f"{VIP_LAN}/24")
+        add_addr(ns, WAN_IF, f"{VIP_WAN}/24")
+
+    def del_vips(self, node_id: int) -> None:
+        ns = self.fw(node_id)
+        ns.ip("addr", "del", f"{VIP_LAN}/24", "dev", LAN_IF)
+        ns.ip("addr", "del", f"{VIP_WAN}/24", "dev", WAN_IF)
+
+    def announce_vips(self, node_id: int) -> None:
+        send_garp(self.fw(node_id), LAN_IF, VIP_LAN)
+        send_garp(self.fw(node_id), WAN_IF, VIP_WAN)
+
+    def links(self, node_id: int, state: str) -> None:
+        for ifname in (LAN_IF, WAN_IF):
+            self.fw(node_id).ip("link", "set", ifname, state)
+
+    def invalid_drops(self, node_id: int) -> int:
+        """Packets the fw's ``ct state invalid`` rules dropped (forward + input)."""
+        out = self.fw(node_id).run(["nft", "-j", "list", "counters", "table", "inet", "fw"])
+        total = 0
+        for item in json.loads(out.stdout)["nftables"]:
+            if "counter" in item:
+                total += int(item["counter"]["packets"])
+        return total
+
+
+def build_failover_site(
+    factory: NamespaceFactory, tmp: Path, *, sync: Mapping[str, Any] | None = None
+) -> FailoverSite:
+    cluster = Cluster(factory, tmp, 2, ruleset=FAILOVER_RULESET, sync=sync)
+    sw = cluster.switch
+    for bridge in ("brlan", "brwan"):
+        sw.ip("link", "add", bridge, "type", "bridge", "mcast_snooping", "0")
+        sw.ip("link", "set", bridge, "up")
+    client = factory.create("cli")
+    server = factory.create("srv")
+    for ns, port, bridge in ((client, "lc", "brlan"), (server, "ws", "brwan")):
+        veth(ns, "eth0", sw, port)
+        sw.ip("link", "set", port, "master", bridge)
+    add_addr(client, "eth0", f"{CLIENT_ADDR}/24")
+    add_addr(server, "eth0", f"{SERVER_ADDR}/24")
+    client.ip("route", "add", "default", "via", VIP_LAN)
+    server.ip("route", "add", "default", "via", VIP_WAN)
+    for node_id in (1, 2):
+        ns = cluster[node_id].ns
+        for ifname, port, bridge, addr in (
+            (LAN_IF, f"l{node_id}", "brlan", FW_LAN[node_id]),
+            (WAN_IF, f"w{node_id}", "brwan", FW_WAN[node_id]),
+        ):
+            veth(ns, ifname, sw, port)
+            sw.ip("link", "set", port, "master", bridge)
+            add_addr(ns, ifname, f"{addr}/24")
+        ns.sysctl("net.ipv4.ip_forward", 1)
+        ns.sysctl("net.netfilter.nf_conntrack_tcp_loose", 0)
+        ns.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", 0)
+    site = FailoverSite(cluster, client, server)
+    site.add_vips(1)
+    return site
+
+
+def tcp_progress(ns: Namespace, dst: str, dport: int) -> dict[int, int]:
+    """``local port -> bytes received`` of the namespace's established TCP sockets to dst:dport."""
+    out = ns.run(["ss", "-tinH", "state", "established", "dst", f"{dst}:{dport}"]).stdout
+    result: dict[int, int] = {}
+    port: int | None = None
+    for line in out.splitlines():
+        if line and not line[0].isspace():
+            local = line.split()[-2]
+            port = int(local.rsplit(":", 1)[1])
+            result[port] = 0
+        elif port is not None:
+            for tok in line.split():
+                if tok.startswith("bytes_received:"):
+                    result[port] = int(tok.split(":", 1)[1])
+    return result

@@ -1,0 +1,563 @@
+"""Real ctsync agents in network namespaces: sync, loss, restarts, failover with NAT, auth.
+
+Every test builds its own firewalls (``tests.linux.agents.Cluster``: N namespaces on one
+sync L2 segment, a bridge in a "switch" namespace), starts ``python -m ctsync agent`` in
+each, changes the kernel conntrack tables (``conntrack -R`` for bursts of creates, ctnetlink
+updates and deletes from the test thread moved into the namespace) and watches the agents
+through the ``ctsync`` CLI and the control socket. "Converged" always means exactly: each
+node's internal cache holds its kernel table, and every other node's external cache of it
+is equal to it, key by key and field by field (``Cluster.divergence``).
+
+The failover tests route real TCP and UDP flows through fw1 (SNAT to the server-side VIP,
+strict TCP tracking), fail over to fw2 by hand, and check that the flows survive only when
+fw2 committed the synced state: the negative control proves the check can fail.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctsync.core.entry import status_names
+from tests.linux.agents import (
+    CLIENT_ADDR,
+    FAST_SYNC,
+    SERVER_ADDR,
+    VIP_WAN,
+    Cluster,
+    CtKey,
+    FailoverSite,
+    build_failover_site,
+    cache_view,
+    delete_flows,
+    insert_flows,
+    kernel_entries,
+    make_flows,
+    set_marks,
+    tcp_progress,
+    wait_until,
+    write_key,
+)
+from tests.linux.netns import NamespaceFactory, Process, traffic_cmd
+
+pytestmark = [pytest.mark.linux, pytest.mark.timeout(120)]
+
+BURST = 5000
+TCP_PORT = 5000
+UDP_PORT = 5300
+TCP_FLOWS = 10
+UDP_FLOWS = 4
+
+
+@pytest.fixture
+def make_cluster(
+    netns_factory: NamespaceFactory, tmp_path: Path
+) -> Iterator[Callable[..., Cluster]]:
+    """``make_cluster(n, **kw)``; the agents' logs are printed at teardown (shown on failure)."""
+    clusters: list[Cluster] = []
+
+    def make(count: int, **kwargs: Any) -> Cluster:
+        cluster = Cluster(netns_factory, tmp_path, count, **kwargs)
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        for node_id in cluster.nodes:
+            print(cluster.output(node_id)[-20_000:])
+
+
+def run_concurrently(*jobs: Callable[[], object]) -> None:
+    """Run the jobs in threads at once; re-raise the first failure."""
+    errors: list[BaseException] = []
+
+    def wrap(job: Callable[[], object]) -> None:
+        try:
+            job()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrap, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    if errors:
+        raise errors[0]
+
+
+def external_via_cli(cluster: Cluster, viewer: int, owner: int) -> dict[CtKey, dict[str, Any]]:
+    """``ctsync show cache external --json`` on *viewer*, entries of *owner* only."""
+    entries = cluster.ctl(viewer, "show", "cache", "external")
+    assert all("peer" in e for e in entries)
+    return cache_view(e for e in entries if e["peer"] == owner)
+
+
+def assert_external_is_kernel(
+    cluster: Cluster, viewer: int, owner: int
+) -> dict[CtKey, dict[str, Any]]:
+    """*viewer*'s external cache of *owner* (via the CLI) is *owner*'s kernel table:
+    same keys, and per entry the same mark, TCP state, reply tuple and ASSURED flag."""
+    ext = external_via_cli(cluster, viewer, owner)
+    kernel = kernel_entries(cluster[owner].ns)
+    assert set(ext) == set(kernel), (
+        f"fw{viewer}'s external cache of fw{owner}: {len(ext)} entries, kernel {len(kernel)}; "
+        f"missing e.g. {sorted(set(kernel) - set(ext))[:3]}, "
+        f"extra e.g. {sorted(set(ext) - set(kernel))[:3]}"
+    )
+    for key, entry in kernel.items():
+        got = ext[key]
+        reply = {k: str(v) for k, v in got["reply"].items() if k != "zone"}
+        want = (entry.mark, entry.state, entry.reply, "ASSURED" in entry.flags)
+        have = (
+            got["mark"],
+            (got.get("tcp") or {}).get("state"),
+            reply,
+            "ASSURED" in status_names(got["status"]),
+        )
+        assert have == want, f"{key}: external {got} vs kernel {entry.raw}"
+    return ext
+
+
+def sync_counter(cluster: Cluster, node_id: int, name: str) -> int:
+    return int(cluster.stats(node_id)["sync"][name])
+
+
+def peer_status(cluster: Cluster, node_id: int, peer: int) -> dict[str, Any] | None:
+    for item in cluster.query(node_id, "status")["peers"]:
+        if item["node"] == peer:
+            result: dict[str, Any] = item
+            return result
+    return None
+
+
+def assert_lost_consistent(stats: dict[str, Any]) -> None:
+    """``message_tracking.lost`` is the protocol's own count, in every place it is shown."""
+    lost = stats["message_tracking"]["lost"]
+    assert lost == stats["sync"]["lost"] == sum(p["lost"] for p in stats["peers"]), stats
+
+
+# --------------------------------------------------------------------------- 1. bursts
+
+
+def test_two_nodes_burst_updates_destroys_and_repair(
+    make_cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    cluster = make_cluster(2)
+    cluster.start()
+    flows = make_flows(1, BURST)
+    insert_flows(cluster[1].ns, flows, tmp_path, mark=1)
+    cluster.wait_converged(timeout=30)
+    ext = assert_external_is_kernel(cluster, 2, 1)
+    assert len(ext) == BURST and {e["mark"] for e in ext.values()} == {1}
+
+    marks = {f.key: 0x100 + i for i, f in enumerate(flows[:1000])}
+    assert set_marks(cluster[1].ns, marks) == len(marks)
+    destroyed = flows[1000:2000]
+    delete_flows(cluster[1].ns, destroyed)
+    cluster.wait_converged(timeout=30)
+    ext = assert_external_is_kernel(cluster, 2, 1)
+    assert len(ext) == BURST - len(destroyed)
+    assert all(ext[key]["mark"] == mark for key, mark in marks.items())
+    assert not ext.keys() & {f.key for f in destroyed}
+
+    count = cluster.cli(2, "show", "cache", "external", "--count")
+    assert count.returncode == 0 and count.stdout.strip() == str(BURST - len(destroyed))
+    stats = cluster.ctl(2, "show", "statistics")
+    assert stats["external"]["active"] == BURST - len(destroyed)
+    assert stats["message_tracking"]["lost"] == 0
+    assert_lost_consistent(stats)
+    sender = cluster.ctl(1, "show", "statistics")
+    assert sender["internal"]["active"] == BURST - len(destroyed)
+    assert sender["queue_entries"] == 0, "every DATA acknowledged, nothing left to resend"
+
+    # Anti-entropy: an external cache emptied behind the protocol's back is repaired by
+    # the digest exchange alone (digest-interval is 1 s here), without any resync.
+    flushed = cluster.cli(2, "flush", "external")
+    assert flushed.returncode == 0, flushed.stderr
+    assert flushed.stdout.strip() == f"{BURST - len(destroyed)} entries flushed"
+    cluster.wait_converged(timeout=20)
+    assert sync_counter(cluster, 2, "digest_mismatches") > 0
+    assert sync_counter(cluster, 1, "repairs_sent") > 0
+    assert sync_counter(cluster, 2, "bulk_received") == 1, "repaired by digest, not by a resync"
+
+
+def test_three_nodes_two_generating_at_once(
+    make_cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    cluster = make_cluster(3)
+    cluster.start()
+    first = make_flows(1, BURST)
+    insert_flows(cluster[1].ns, first, tmp_path)
+    cluster.wait_converged(timeout=30)
+    for viewer in (2, 3):
+        assert len(assert_external_is_kernel(cluster, viewer, 1)) == BURST
+
+    own3 = make_flows(3, 3000)
+    marks1 = {f.key: 7 for f in first[:1000]}
+
+    def on_fw1() -> None:
+        insert_flows(cluster[1].ns, make_flows(1, 2000, base=BURST), tmp_path)
+        set_marks(cluster[1].ns, marks1)
+        delete_flows(cluster[1].ns, first[1000:1500])
+
+    def on_fw3() -> None:
+        insert_flows(cluster[3].ns, own3, tmp_path, mark=3)
+        set_marks(cluster[3].ns, {f.key: 33 for f in own3[:500]})
+        delete_flows(cluster[3].ns, own3[2500:])
+
+    run_concurrently(on_fw1, on_fw3)
+    cluster.wait_converged(timeout=40)
+    for viewer, owner in ((2, 1), (3, 1), (1, 3), (2, 3)):
+        assert_external_is_kernel(cluster, viewer, owner)
+    assert len(cluster.internal(1)) == BURST + 2000 - 500
+    assert len(cluster.internal(3)) == 2500
+    ext = cluster.external(2, 1)
+    assert all(ext[key]["mark"] == 7 for key in marks1)
+    for node_id in (1, 2, 3):
+        assert_lost_consistent(cluster.ctl(node_id, "show", "statistics"))
+
+
+# --------------------------------------------------------------------------- 2. loss
+
+
+@pytest.mark.timeout(150)
+def test_lossy_sync_link_converges_exactly(
+    make_cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    # peer-dead-after 2 s: at 30 % loss ten ALIVEs in a row are lost only once in 170,000.
+    cluster = make_cluster(2, sync={**FAST_SYNC, "peer-dead-after": 2.0})
+    cluster.start()
+    base = 0
+    settle: dict[int, float] = {}
+    for per_mille in (100, 300):
+        cluster.set_loss(per_mille)
+        new1 = make_flows(1, 3000, base=base)
+        new2 = make_flows(2, 1000, base=base)
+        base += 3000
+        run_concurrently(
+            lambda: insert_flows(cluster[1].ns, new1, tmp_path),
+            lambda: insert_flows(cluster[2].ns, new2, tmp_path),
+        )
+        run_concurrently(
+            lambda: set_marks(cluster[1].ns, {f.key: per_mille for f in new1[:1000]}),
+            lambda: set_marks(cluster[2].ns, {f.key: per_mille for f in new2[:300]}),
+        )
+        run_concurrently(
+            lambda: delete_flows(cluster[1].ns, new1[2000:2500]),
+            lambda: delete_flows(cluster[2].ns, new2[800:]),
+        )
+        settle[per_mille] = cluster.wait_converged(timeout=30)
+        ext = cluster.external(2, 1)
+        assert all(ext[f.key]["mark"] == per_mille for f in new1[:1000])
+    print("convergence after the changes (s):", settle)
+
+    assert cluster.dropped() > 0
+    stats = {node_id: cluster.ctl(node_id, "show", "statistics") for node_id in (1, 2)}
+    total = {
+        name: sum(s["sync"][name] for s in stats.values())
+        for name in ("resent", "nacks_sent", "nacks_received", "gone_sent", "peer_down")
+    }
+    print("sync counters:", total)
+    assert total["resent"] > 0 and total["nacks_sent"] > 0 and total["nacks_received"] > 0
+    for node_id, s in stats.items():
+        assert_lost_consistent(s)
+        if total["gone_sent"] == 0 and total["peer_down"] == 0:
+            # Every gap was filled by a resend: nothing was lost for good.
+            assert s["message_tracking"]["lost"] == 0, f"fw{node_id}: {s['sync']}"
+        text = cluster.cli(node_id, "show", "statistics").stdout
+        assert f"{s['message_tracking']['lost']:20d} Lost msgs" in text
+
+
+# --------------------------------------------------------------------------- 3. restarts
+
+
+@pytest.mark.parametrize("victim", [1, 2], ids=["sender", "receiver"])
+def test_kill9_restart_converges(
+    make_cluster: Callable[..., Cluster], tmp_path: Path, victim: int
+) -> None:
+    """fw1 owns 3,000 entries (the big sender), fw2 500. One agent dies with SIGKILL; both
+    tables change while it is down; after a restart everything is exact again."""
+    cluster = make_cluster(2)
+    cluster.start()
+    flows = {1: make_flows(1, 3000), 2: make_flows(2, 500)}
+    for node_id, node_flows in flows.items():
+        insert_flows(cluster[node_id].ns, node_flows, tmp_path)
+    cluster.wait_converged(timeout=30)
+    survivor = 3 - victim
+    old_epoch = cluster.query(victim, "status")["epoch"]
+
+    cluster.kill(victim)
+    wait_until(
+        lambda: not (peer_status(cluster, survivor, victim) or {"up": True})["up"],
+        10,
+        f"fw{survivor} to see fw{victim} down",
+    )
+    changed: dict[int, dict[CtKey, int]] = {}
+    destroyed: dict[int, set[CtKey]] = {}
+    for node_id, node_flows in flows.items():
+        third = len(node_flows) // 10
+        destroyed[node_id] = {f.key for f in node_flows[:third]}
+        changed[node_id] = {f.key: 9 for f in node_flows[third : 2 * third]}
+        delete_flows(cluster[node_id].ns, node_flows[:third])
+        set_marks(cluster[node_id].ns, changed[node_id])
+        insert_flows(cluster[node_id].ns, make_flows(node_id, 200, base=10_000), tmp_path)
+    # The dead peer's last known state stays: it is what a failover would commit.
+    assert set(cluster.external(survivor, victim)) == {f.key for f in flows[victim]}
+
+    cluster.start(victim)
+    took = cluster.wait_converged(timeout=30)
+    print(f"converged {took:.1f}s after the restart of fw{victim}")
+    new_epoch = cluster.query(victim, "status")["epoch"]
+    assert new_epoch > old_epoch
+    assert (peer_status(cluster, survivor, victim) or {})["epoch"] == new_epoch
+    for viewer, owner in ((survivor, victim), (victim, survivor)):
+        ext = assert_external_is_kernel(cluster, viewer, owner)
+        assert not ext.keys() & destroyed[owner], "entries destroyed while down must go"
+        assert all(ext[key]["mark"] == 9 for key in changed[owner])
+        assert len(ext) == len(flows[owner]) - len(destroyed[owner]) + 200
+    for node_id in (1, 2):
+        assert_lost_consistent(cluster.ctl(node_id, "show", "statistics"))
+
+
+# --------------------------------------------------------------------------- 4. failover
+
+
+@dataclass
+class Traffic:
+    server: Process
+    client: Process
+    tcp_ports: list[int]
+    udp_ports: list[int]
+
+
+def start_traffic(site: FailoverSite) -> Traffic:
+    """10 long-lived echoed TCP flows (every 50 ms) and 4 finished UDP flows through fw1."""
+    server = site.server.start(traffic_cmd("tcp-echo-server", "--port", str(TCP_PORT)))
+    site.server.start(traffic_cmd("udp-echo-server", "--port", str(UDP_PORT)))
+    client = site.client.popen(
+        traffic_cmd(
+            *("tcp-client", "--host", SERVER_ADDR, "--port", str(TCP_PORT)),
+            *("--count", str(TCP_FLOWS), "--interval", "0.05", "--wait-stdin"),
+            *("--timeout", "60"),
+        )
+    )
+    client.wait_line("CONNECTED", 15)
+    udp = site.client.popen(
+        traffic_cmd(
+            *("udp-client", "--host", SERVER_ADDR, "--port", str(UDP_PORT)),
+            *("--count", str(UDP_FLOWS), "--rounds", "3"),
+        )
+    )
+    assert udp.finish(20) == 0, udp.output()
+    return Traffic(
+        server=server,
+        client=client,
+        tcp_ports=sorted(int(x.split()[2]) for x in client.lines if x.startswith("CONN ")),
+        udp_ports=sorted(int(x.split()[2]) for x in udp.lines if x.startswith("FLOW ")),
+    )
+
+
+def flow_keys(traffic: Traffic) -> set[CtKey]:
+    tcp = {("tcp", CLIENT_ADDR, SERVER_ADDR, p, TCP_PORT) for p in traffic.tcp_ports}
+    udp = {("udp", CLIENT_ADDR, SERVER_ADDR, p, UDP_PORT) for p in traffic.udp_ports}
+    return tcp | udp
+
+
+def wait_synced(site: FailoverSite, traffic: Traffic) -> dict[CtKey, dict[str, Any]]:
+    """Until fw2's external cache of fw1 holds every flow, TCP ones ESTABLISHED + SNAT."""
+    want = flow_keys(traffic)
+
+    def synced() -> dict[CtKey, dict[str, Any]] | None:
+        ext = site.cluster.external(2, 1)
+        if not want <= ext.keys():
+            return None
+        for key in want:
+            entry = ext[key]
+            if entry["reply"]["dst"] != VIP_WAN:
+                return None
+            if key[0] == "tcp" and entry["tcp"]["state"] != "ESTABLISHED":
+                return None
+        return ext
+
+    return wait_until(synced, 15, "fw2's external cache to hold every flow of fw1")
+
+
+def fail_over(site: FailoverSite, *, commit: bool) -> dict[str, Any] | None:
+    """fw1 dies (agent SIGKILLed, links down, VIPs gone); fw2 commits (or not), takes the
+    VIPs and announces them with gratuitous ARP. Returns the commit's JSON result."""
+    cluster = site.cluster
+    cluster.kill(1)
+    site.links(1, "down")
+    site.del_vips(1)
+    result: dict[str, Any] | None = None
+    if commit:
+        proc = cluster.cli(2, "commit", "--json")
+        assert proc.returncode == 0, f"commit failed: {proc.stdout}\n{proc.stderr}"
+        result = json.loads(proc.stdout)
+    site.add_vips(2)
+    site.announce_vips(2)
+    return result
+
+
+def test_failover_with_commit_keeps_nated_tcp_flows(
+    netns_factory: NamespaceFactory, tmp_path: Path
+) -> None:
+    site = build_failover_site(netns_factory, tmp_path)
+    site.cluster.start()
+    traffic = start_traffic(site)
+    assert len(traffic.tcp_ports) == TCP_FLOWS and len(traffic.udp_ports) == UDP_FLOWS
+    external = wait_synced(site, traffic)
+    before = tcp_progress(site.client, SERVER_ADDR, TCP_PORT)
+    assert sorted(before) == traffic.tcp_ports
+
+    result = fail_over(site, commit=True)
+    assert result is not None
+    assert result["failed"] == 0 and result["errors"] == {}
+    assert result["committed"] == result["attempted"] == len(external)
+
+    at_failover = tcp_progress(site.client, SERVER_ADDR, TCP_PORT)
+
+    def all_flows_moved() -> bool:
+        now = tcp_progress(site.client, SERVER_ADDR, TCP_PORT)
+        # >= 10 more echo rounds on every flow (a round is ~12 bytes)
+        return sorted(now) == traffic.tcp_ports and all(
+            now[port] >= at_failover[port] + 120 for port in traffic.tcp_ports
+        )
+
+    wait_until(
+        all_flows_moved,
+        20,
+        "every TCP flow to carry on through fw2",
+        describe=lambda: f"{at_failover} -> {tcp_progress(site.client, SERVER_ADDR, TCP_PORT)}\n"
+        f"fw2 invalid drops: {site.invalid_drops(2)}\n{site.fw(2).conntrack('-L').stdout}",
+    )
+    kernel = kernel_entries(site.fw(2))
+    for key in flow_keys(traffic):
+        entry = kernel.get(key)
+        assert entry is not None, f"{key} not in fw2's table"
+        assert entry.reply["src"] == SERVER_ADDR and entry.reply["dst"] == VIP_WAN, entry.raw
+        if key[0] == "tcp":
+            assert entry.state == "ESTABLISHED" and "ASSURED" in entry.flags, entry.raw
+    assert site.invalid_drops(2) == 0, "fw2 dropped packets of the flows as invalid"
+
+    traffic.client.send_line("done")
+    traffic.client.wait_line("DONE", 15)
+    assert traffic.client.finish(10) == 0, traffic.client.output()
+    assert not any(line.startswith("ERROR") for line in traffic.client.lines)
+    accepts = [line.split() for line in traffic.server.lines if line.startswith("ACCEPT")]
+    assert len(accepts) == TCP_FLOWS
+    assert {a[2] for a in accepts} == {VIP_WAN}, "the server must only ever see the VIP"
+
+
+def test_failover_without_commit_breaks_tcp_flows(
+    netns_factory: NamespaceFactory, tmp_path: Path
+) -> None:
+    """Negative control: the same failover without ``ctsync commit`` on fw2 must stall every
+    TCP flow (strict tracking drops their packets as invalid), or the test above is blind."""
+    site = build_failover_site(netns_factory, tmp_path)
+    site.cluster.start()
+    traffic = start_traffic(site)
+    wait_synced(site, traffic)
+
+    assert fail_over(site, commit=False) is None
+    at_failover = tcp_progress(site.client, SERVER_ADDR, TCP_PORT)
+    # The client echoes on its flows in turn, so the first flow that stalls holds up the
+    # others: wait until fw2 dropped several retransmissions (RTO 0.2, 0.4, 0.8, 1.6 s)...
+    wait_until(
+        lambda: site.invalid_drops(2) >= 4,
+        15,
+        "fw2 to drop the flows' retransmissions as invalid",
+        describe=lambda: f"invalid drops {site.invalid_drops(2)}",
+    )
+    # ...and no flow moved on.
+    now = tcp_progress(site.client, SERVER_ADDR, TCP_PORT)
+    moved = [port for port in traffic.tcp_ports if now.get(port, 0) > at_failover[port]]
+    assert moved == [], f"flows carried on without the synced state: {moved}"
+    assert not flow_keys(traffic) & kernel_entries(site.fw(2)).keys()
+    assert traffic.client.poll() is None, "the client neither finishes nor gets a reset"
+
+
+# --------------------------------------------------------------------------- 5. auth
+
+
+def test_node_with_wrong_key_injects_nothing(
+    make_cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    cluster = make_cluster(2)
+    cluster.add_node(3, key_path=write_key(tmp_path / "other.key"))
+    cluster.start(1, 2, 3, wait=False)
+    cluster.wait_ready([1, 2])
+    intruder_flows = make_flows(3, 1000)
+    insert_flows(cluster[3].ns, intruder_flows, tmp_path)
+    insert_flows(cluster[1].ns, make_flows(1, 1000), tmp_path)
+    cluster.wait_converged([1, 2], timeout=20)
+    intruder_data = wait_until(
+        lambda: sync_counter(cluster, 3, "data_sent"), 10, "fw3 to send its entries"
+    )
+    for node_id in (1, 2):
+        wait_until(
+            lambda n=node_id: sync_counter(cluster, n, "auth_failed") >= intruder_data,
+            10,
+            f"fw{node_id} to reject every DATA of fw3",
+        )
+    intruder_keys = {f.key for f in intruder_flows}
+    for node_id in (1, 2):
+        status = cluster.ctl(node_id, "show", "status")
+        assert 3 not in {p["node"] for p in status["peers"]}
+        entries = cluster.ctl(node_id, "show", "cache", "external")
+        assert {e["peer"] for e in entries} <= {1, 2} - {node_id}
+        assert not cache_view(entries).keys() & intruder_keys
+        assert cluster.ctl(node_id, "show", "statistics")["sync"]["auth_failed"] > 0
+        assert not kernel_entries(cluster[node_id].ns).keys() & intruder_keys
+    # The intruder is deaf too: it authenticates nothing from the others.
+    stats3 = cluster.ctl(3, "show", "statistics")
+    assert stats3["peers"] == [] and stats3["external"]["active"] == 0
+    assert stats3["sync"]["auth_failed"] > 0
+    # A commit on fw2 writes fw1's entries only.
+    commit = cluster.ctl(2, "commit")
+    assert commit["failed"] == 0 and commit["committed"] == 1000
+    assert not kernel_entries(cluster[2].ns).keys() & intruder_keys
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def test_flush_resync_and_bulk_send(make_cluster: Callable[..., Cluster], tmp_path: Path) -> None:
+    # No anti-entropy during the test: only the commands may refill a cache.
+    cluster = make_cluster(2, sync={**FAST_SYNC, "digest-interval": 3600.0})
+    cluster.start()
+    flows = make_flows(1, 2000)
+    insert_flows(cluster[1].ns, flows, tmp_path)
+    cluster.wait_converged(timeout=20)
+
+    def cli_text(node_id: int, *args: str) -> str:
+        proc = cluster.cli(node_id, *args)
+        assert proc.returncode == 0, f"{args}: {proc.stdout}{proc.stderr}"
+        return proc.stdout.strip()
+
+    def external_count(node_id: int) -> int:
+        return int(cli_text(node_id, "show", "cache", "external", "--count"))
+
+    assert cli_text(2, "flush", "external") == "2000 entries flushed"
+    assert external_count(2) == 0
+    assert cli_text(2, "resync") == "full transfer requested from 1 peer(s)"
+    cluster.wait_converged(timeout=10)
+    assert_external_is_kernel(cluster, 2, 1)
+
+    assert cli_text(2, "flush", "external") == "2000 entries flushed"
+    assert cli_text(1, "bulk-send") == "2000 entries queued for sending"
+    cluster.wait_converged(timeout=10)
+    assert_external_is_kernel(cluster, 2, 1)
+
+    assert cli_text(1, "flush", "internal") == "2000 entries flushed"
+    assert cluster.stats(1)["internal"]["active"] == 0
+    assert cli_text(1, "resync", "--kernel") == "internal cache resynced: 2000 entries"
+    cluster.wait_converged(timeout=10)
+    assert_external_is_kernel(cluster, 2, 1)
