@@ -37,6 +37,7 @@ from ctsync.core.stats import CacheStats, CommitStats, LinkStats, NetlinkStats, 
 from ctsync.core.sync import SessionConfig, SyncSession
 from ctsync.core.wire import Authenticator
 from ctsync.io import sdnotify
+from ctsync.io.commit_pool import CommitPool
 from ctsync.io.control import CommandError, ControlServer
 from ctsync.io.netlink import CommitResult, Committer, KernelTable
 from ctsync.io.transport import LinkConfig, Transport
@@ -104,6 +105,7 @@ class Agent:
             self._on_datagram,
         )
         self.control = ControlServer(str(config.control.socket))
+        self.pool: CommitPool | None = None
         self.committer: Committer | None = None
         self.kernel: KernelTable | None = None
         self.last_commit: CommitStats | None = None
@@ -122,7 +124,9 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         sync = self.config.sync
         try:
-            self.committer = Committer()
+            # First, while the process is single-threaded: the commit worker is a fork.
+            self.pool = CommitPool()
+            self.committer = self.pool.local
             self.kernel = KernelTable(
                 self.internal,
                 rcvbuf=sync.event_listen_queue_bytes,
@@ -181,8 +185,8 @@ class Agent:
         self.transport.close()
         if self.kernel is not None:
             self.kernel.close()
-        if self.committer is not None:
-            self.committer.close()
+        if self.pool is not None:
+            self.pool.close()
         log.info("stopped")
 
     async def _timer(self) -> None:
@@ -345,8 +349,8 @@ class Agent:
         }
 
     async def commit(self) -> CommitResult:
-        committer, kernel = self.committer, self.kernel
-        if committer is None or kernel is None:
+        pool, kernel = self.pool, self.kernel
+        if pool is None or kernel is None:
             raise CommandError("the agent is not running yet")
         async with self._commit_lock:
             records: dict[bytes, bytes] = {}
@@ -355,7 +359,8 @@ class Agent:
             log.info("committing %d entries from the external caches", len(records))
             timeout = self.config.sync.commit_timeout_override
             with kernel.events_paused():
-                result = await asyncio.to_thread(committer.commit_records, records.items(), timeout)
+                items = list(records.items())
+                result = await asyncio.to_thread(pool.commit_records, items, timeout)
             self.last_commit = CommitStats(
                 result.attempted,
                 result.committed,

@@ -10,6 +10,8 @@ agreement with pyroute2's decoder on the same dump.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +39,7 @@ from ctsync.core.entry import (
     make_tuple,
 )
 from ctsync.io import netlink
+from ctsync.io.commit_pool import MIN_SPLIT, CommitPool
 from ctsync.io.netlink import Committer, KernelTable
 from tests.linux.netns import (
     CLIENT_V4,
@@ -504,3 +507,27 @@ def test_sockets_stay_in_their_namespace(ct_netns: Namespace, empty_ns: Namespac
     assert out.returncode == 0 and out.stdout.strip() == "0", out
     out = ct_netns.run(ctsync)
     assert "192.0.2.2:1024" in out.stdout and "203.0.113.1:80" in out.stdout
+
+
+# --- two-process commit ------------------------------------------------------------------
+
+
+def test_commit_pool_splits_across_a_worker_and_survives_its_death(empty_ns: Namespace) -> None:
+    entries = [synthetic(i, mark=i % 5) for i in range(3 * MIN_SPLIT)]
+    records = [record.from_entry(e) for e in entries]
+    with in_netns(empty_ns.name), CommitPool() as pool:
+        assert pool.worker_pid is not None
+        result = pool.commit_records(records)
+        assert (result.attempted, result.committed, result.failed) == (
+            len(entries),
+            len(entries),
+            0,
+        )
+        assert set(kernel_records()) == {k for k, _ in records}
+        assert sorted(e.mark for e in netlink.dump_table()) == sorted(e.mark or 0 for e in entries)
+        pool.local.flush()
+        os.kill(pool.worker_pid, signal.SIGKILL)
+        again = pool.commit_records(records)  # falls back to one process
+        assert (again.committed, again.failed) == (len(entries), 0)
+        assert pool.worker_pid is None
+        assert netlink.count_entries() == len(entries)
