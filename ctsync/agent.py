@@ -273,6 +273,7 @@ class Agent:
     def _register_commands(self) -> None:
         handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "statistics": self.cmd_statistics,
+            "counts": self.cmd_counts,
             "status": self.cmd_status,
             "cache": self.cmd_cache,
             "commit": self.cmd_commit,
@@ -285,6 +286,11 @@ class Agent:
 
     async def cmd_statistics(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.snapshot().to_dict()
+
+    async def cmd_counts(self, args: dict[str, Any]) -> dict[str, int]:
+        """Cache sizes only: cheap enough to poll every few milliseconds."""
+        external = sum(len(peer.external) for peer in self.session.peers.values())
+        return {"internal": len(self.internal), "external": external}
 
     async def cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
         snap = self.snapshot()

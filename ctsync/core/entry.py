@@ -335,8 +335,18 @@ class Expectation:
     function: str | None = None
 
 
+_STATUS_BITS: tuple[tuple[int, str], ...] = tuple((int(f), f.name or "") for f in Status)
+_status_names_cache: dict[int, tuple[str, ...]] = {}
+
+
 def status_names(status: int) -> list[str]:
-    return [flag.name for flag in Status if status & flag and flag.name]
+    """The IPS_* names of the bits set in ``status`` (memoised: few distinct values)."""
+    names = _status_names_cache.get(status)
+    if names is None:
+        names = tuple(name for bit, name in _STATUS_BITS if status & bit)
+        if len(_status_names_cache) < 4096:
+            _status_names_cache[status] = names
+    return list(names)
 
 
 def state_name(entry: Entry) -> str:

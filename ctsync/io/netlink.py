@@ -460,11 +460,12 @@ class KernelTable:
         set_conntrack_events(True)
         self._sock = open_socket(groups, rcvbuf)
         self._sock.setblocking(False)
-        self.stats.buffer_size = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        self.stats.buffer_size = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
         self._requested_rcvbuf = rcvbuf
         self._buf = bytearray(_RECV_SIZE)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reconcile_task: asyncio.Task[None] | None = None
+        self._reconcile_lock = asyncio.Lock()
         self._resync_needed = False
 
     @property
@@ -505,8 +506,11 @@ class KernelTable:
         self._loop.add_reader(self._sock.fileno(), self.read_events)
         await self.reconcile()
 
-    def read_events(self) -> int:
-        """Drain the event socket; returns how many messages it handled."""
+    def read_events(self, limit: int = 4096) -> int:
+        """Read up to ``limit`` events (about one datagram each); returns how many.
+
+        Bounded so that a flood of events cannot starve the rest of the loop: the reader
+        is called again as long as the socket has data."""
         sock = self._sock
         buf = self._buf
         cache = self.cache
@@ -516,7 +520,7 @@ class KernelTable:
         parse = record.parse_ct
         unpack_hdr = _HDR.unpack_from
         handled = 0
-        while True:
+        while handled < limit:
             try:
                 n = sock.recv_into(buf)
             except BlockingIOError:
@@ -567,7 +571,7 @@ class KernelTable:
         wanted = min(max(self._requested_rcvbuf, current // 2) * 2, self.rcvbuf_max)
         if wanted > self._requested_rcvbuf:
             self._requested_rcvbuf = wanted
-            self.stats.buffer_size = set_receive_buffer(self._sock, wanted)
+            self.stats.buffer_size = set_receive_buffer(self._sock, wanted) // 2
             log.warning(
                 "netlink event overrun: events were lost; receive buffer now %d bytes, "
                 "reconciling with a dump",
@@ -591,16 +595,32 @@ class KernelTable:
 
     async def reconcile(self) -> int:
         """Dump the table into the cache; destroy what the dump did not show. Returns the
-        number of entries removed. Events keep flowing meanwhile (every few recv calls
-        the loop runs), and what they touch counts as seen."""
+        number of entries removed. One at a time (a second call waits for the first).
+
+        Order matters under load. Events already queued are older than the dump: they are
+        applied first (within a time budget). During the dump the event socket is not read
+        (the kernel queues events meanwhile), so only the dump marks entries as present:
+        a stale event for an entry that has since gone cannot resurrect it. The events
+        queued during the dump are applied afterwards, in order; each is at least as new
+        as what the dump read for its entry, so the cache ends up current."""
+        async with self._reconcile_lock:
+            return await self._reconcile()
+
+    async def _reconcile(self) -> int:
         started = time.perf_counter()
         cache = self.cache
-        cache.begin_reconcile()
         sink = self.sink
         parse = record.parse_ct
+        drain_until = time.monotonic() + 0.25
+        while self.read_events() and time.monotonic() < drain_until:
+            pass
+        loop = self._loop
+        if loop is not None:
+            loop.remove_reader(self._sock.fileno())
+        cache.begin_reconcile()
         try:
             with open_socket(rcvbuf=4 << 20) as sock:
-                seen_in_batch = 0
+                in_batch = 0
                 for buf, mtype, start, end in iter_dump(sock, 0):
                     if mtype != nl.CT_NEW:
                         continue
@@ -612,16 +632,18 @@ class KernelTable:
                     change = cache.update(parts)
                     if sink is not None and change in (Change.NEW, Change.UPDATED):
                         sink(change, parts[0], False)
-                    seen_in_batch += 1
-                    if seen_in_batch >= 4096:
-                        seen_in_batch = 0
+                    in_batch += 1
+                    if in_batch >= 4096:  # let timers and the sync link run
+                        in_batch = 0
                         if self.after_batch is not None:
                             self.after_batch()
                         await asyncio.sleep(0)
-            self.read_events()  # what happened during the dump counts as seen
         except BaseException:
             cache.abort_reconcile()
             raise
+        finally:
+            if loop is not None and self._loop is loop:
+                loop.add_reader(self._sock.fileno(), self.read_events)
         gone = cache.end_reconcile()
         if sink is not None:
             for key in gone:

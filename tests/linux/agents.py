@@ -27,6 +27,7 @@ kernels these tests run on do not always have ``sch_netem``.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import secrets
@@ -85,7 +86,7 @@ FAST_SYNC: dict[str, Any] = {
 }
 
 
-class WaitTimeout(AssertionError):
+class WaitTimeoutError(AssertionError):
     """A polled condition did not hold in time (an assertion: the test fails)."""
 
 
@@ -114,7 +115,7 @@ def wait_until(
             detail = describe() if describe is not None else ""
             if last_exc is not None:
                 detail += f"\nlast error: {last_exc!r}"
-            raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}\n{detail}")
+            raise WaitTimeoutError(f"timed out after {timeout:.0f}s waiting for {what}\n{detail}")
         time.sleep(interval)
 
 
@@ -218,7 +219,9 @@ class Flow:
         return (self.proto, self.src, self.dst, self.sport, self.dport)
 
     def tuple_args(self) -> str:
-        return f"-s {self.src} -d {self.dst} -p {self.proto} --sport {self.sport} --dport {self.dport}"
+        return (
+            f"-s {self.src} -d {self.dst} -p {self.proto} --sport {self.sport} --dport {self.dport}"
+        )
 
     def insert_line(self, mark: int = 0, timeout: int = 3600) -> str:
         extra = " -u SEEN_REPLY,ASSURED --state ESTABLISHED" if self.proto == "tcp" else ""
@@ -239,6 +242,16 @@ def make_flows(node: int, count: int, *, proto: str = "tcp", base: int = 0) -> l
         dst = f"198.51.100.{1 + i // 50_000}"
         flows.append(Flow(f"192.0.2.{node}", dst, 1024 + i % 50_000, 80, proto))
     return flows
+
+
+def make_flows6(node: int, count: int, *, proto: str = "udp", base: int = 0) -> list[Flow]:
+    """Like :func:`make_flows`, IPv6: client 2001:db8:1::<node>, server 2001:db8:2::x."""
+    return [
+        Flow(
+            f"2001:db8:1::{node}", f"2001:db8:2::{1 + i // 50_000:x}", 1024 + i % 50_000, 53, proto
+        )
+        for i in range(base, base + count)
+    ]
 
 
 def conntrack_restore(ns: Namespace, lines: Sequence[str], tmp: Path) -> None:
@@ -264,11 +277,9 @@ def delete_flows(ns: Namespace, flows: Sequence[Flow]) -> None:
     from ctsync.io.netlink import Committer
 
     protos = {"tcp": 6, "udp": 17}
-    targets = [
-        (make_tuple(f.src, f.dst, protos[f.proto], f.sport, f.dport), None) for f in flows
-    ]
+    targets = [(make_tuple(f.src, f.dst, protos[f.proto], f.sport, f.dport), None) for f in flows]
     with in_netns(ns.name), Committer() as committer:
-        done, failed = committer.delete_many(targets)
+        _, failed = committer.delete_many(targets)
     if failed:
         raise AssertionError(f"{failed} of {len(targets)} deletes failed")
 
@@ -301,8 +312,13 @@ def kernel_entries(ns: Namespace) -> dict[CtKey, Any]:
     """The namespace's conntrack table (``conntrack -L``), by :data:`CtKey`."""
     out: dict[CtKey, Any] = {}
     for e in parse_conntrack(ns.conntrack("-L", "-o", "extended").stdout):
-        key = (e.proto, e.orig["src"], e.orig["dst"], int(e.orig.get("sport", 0)),
-               int(e.orig.get("dport", 0)))
+        key = (
+            e.proto,
+            e.orig["src"],
+            e.orig["dst"],
+            int(e.orig.get("sport", 0)),
+            int(e.orig.get("dport", 0)),
+        )
         out[key] = e
     return out
 
@@ -409,7 +425,7 @@ class Cluster:
             node = self.nodes[node_id]
             if node.proc is not None and node.proc.poll() is None:
                 raise RuntimeError(f"{node.name} is already running")
-            node.socket_path.unlink(missing_ok=True)
+            # A socket file left by a SIGKILLed agent stays: the agent must cope with it.
             node.proc = node.ns.popen(
                 [sys.executable, "-m", "ctsync", "agent", "-c", str(node.config_path)]
             )
@@ -417,10 +433,10 @@ class Cluster:
         for node_id in ids:
             node = self.nodes[node_id]
             wait_until(
-                lambda n=node: self._answers(n),
+                functools.partial(self._answers, node),
                 timeout,
                 f"{node.name}'s agent to answer on its control socket",
-                describe=lambda n=node: self.output(n.node_id),
+                describe=functools.partial(self.output, node.node_id),
             )
         if wait:
             self.wait_ready(timeout=timeout)
@@ -478,7 +494,9 @@ class Cluster:
 
     # --- talking to agents -----------------------------------------------------------------
 
-    def cli(self, node_id: int, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, node_id: int, *args: str, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``python -m ctsync ARGS -S <node's socket>`` (on the host: the socket is a file)."""
         cmd = [sys.executable, "-m", "ctsync", *args, "-S", str(self.nodes[node_id].socket_path)]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -600,8 +618,17 @@ class Cluster:
                 for p in stats["peers"]
             )
             sync = stats["sync"]
-            keys = ("data_sent", "data_received", "resent", "nacks_sent", "lost", "auth_failed",
-                    "digest_mismatches", "repairs_sent", "queue_overflow")
+            keys = (
+                "data_sent",
+                "data_received",
+                "resent",
+                "nacks_sent",
+                "lost",
+                "auth_failed",
+                "digest_mismatches",
+                "repairs_sent",
+                "queue_overflow",
+            )
             counters = " ".join(f"{k}={sync[k]}" for k in keys)
             lines.append(
                 f"{node.name}: internal={stats['internal']['active']} peers[{peers}] {counters}"
@@ -615,7 +642,8 @@ class Cluster:
         rules = ""
         if per_mille:
             rules = (
-                f'oifname "s*" udp dport {SYNC_PORT} numgen random mod 1000 < {per_mille} counter drop\n'
+                f'oifname "s*" udp dport {SYNC_PORT} '
+                f"numgen random mod 1000 < {per_mille} counter drop\n"
             )
         self.switch.nft(
             "table bridge loss {}\ndelete table bridge loss\n"

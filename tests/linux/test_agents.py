@@ -15,8 +15,10 @@ fw2 committed the synced state: the negative control proves the check can fail.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +35,14 @@ from tests.linux.agents import (
     Cluster,
     CtKey,
     FailoverSite,
+    Flow,
     build_failover_site,
     cache_view,
     delete_flows,
     insert_flows,
     kernel_entries,
     make_flows,
+    make_flows6,
     set_marks,
     tcp_progress,
     wait_until,
@@ -146,46 +150,70 @@ def assert_lost_consistent(stats: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- 1. bursts
 
 
-def test_two_nodes_burst_updates_destroys_and_repair(
+def test_two_nodes_burst_updates_destroys_commit_and_repair(
     make_cluster: Callable[..., Cluster], tmp_path: Path
 ) -> None:
     cluster = make_cluster(2)
     cluster.start()
     flows = make_flows(1, BURST)
+    flows6 = make_flows6(1, 500)
     insert_flows(cluster[1].ns, flows, tmp_path, mark=1)
+    insert_flows(cluster[1].ns, flows6, tmp_path, mark=6)
+    total = BURST + len(flows6)
     cluster.wait_converged(timeout=30)
     ext = assert_external_is_kernel(cluster, 2, 1)
-    assert len(ext) == BURST and {e["mark"] for e in ext.values()} == {1}
+    assert len(ext) == total
+    assert {e["mark"] for e in ext.values()} == {1, 6}
 
-    marks = {f.key: 0x100 + i for i, f in enumerate(flows[:1000])}
+    marks = {f.key: 0x100 + i for i, f in enumerate(flows[:1000] + flows6[:100])}
     assert set_marks(cluster[1].ns, marks) == len(marks)
-    destroyed = flows[1000:2000]
+    destroyed = flows[1000:2000] + flows6[400:]
     delete_flows(cluster[1].ns, destroyed)
+    total -= len(destroyed)
     cluster.wait_converged(timeout=30)
     ext = assert_external_is_kernel(cluster, 2, 1)
-    assert len(ext) == BURST - len(destroyed)
+    assert len(ext) == total
     assert all(ext[key]["mark"] == mark for key, mark in marks.items())
     assert not ext.keys() & {f.key for f in destroyed}
 
     count = cluster.cli(2, "show", "cache", "external", "--count")
-    assert count.returncode == 0 and count.stdout.strip() == str(BURST - len(destroyed))
+    assert count.returncode == 0 and count.stdout.strip() == str(total)
     stats = cluster.ctl(2, "show", "statistics")
-    assert stats["external"]["active"] == BURST - len(destroyed)
+    assert stats["external"]["active"] == total
     assert stats["message_tracking"]["lost"] == 0
     assert_lost_consistent(stats)
     sender = cluster.ctl(1, "show", "statistics")
-    assert sender["internal"]["active"] == BURST - len(destroyed)
+    assert sender["internal"]["active"] == total
     assert sender["queue_entries"] == 0, "every DATA acknowledged, nothing left to resend"
+
+    # Commit: fw2's kernel table becomes fw1's, entry for entry; twice (create, then update).
+    for _ in range(2):
+        result = cluster.ctl(2, "commit")
+        assert (result["attempted"], result["committed"], result["failed"]) == (total, total, 0)
+        kernel1, kernel2 = kernel_entries(cluster[1].ns), kernel_entries(cluster[2].ns)
+        assert kernel1.keys() == kernel2.keys()
+        for key, entry in kernel1.items():
+            other = kernel2[key]
+            assert (other.mark, other.state, other.reply, other.flags) == (
+                entry.mark,
+                entry.state,
+                entry.reply,
+                entry.flags,
+            ), f"{entry.raw}\n{other.raw}"
+    assert cluster.ctl(2, "show", "status")["last_commit"]["committed"] == total
+    # fw2 now owns those connections too: they reach fw1 as fw2's entries.
+    cluster.wait_converged(timeout=30)
 
     # Anti-entropy: an external cache emptied behind the protocol's back is repaired by
     # the digest exchange alone (digest-interval is 1 s here), without any resync.
     flushed = cluster.cli(2, "flush", "external")
     assert flushed.returncode == 0, flushed.stderr
-    assert flushed.stdout.strip() == f"{BURST - len(destroyed)} entries flushed"
+    assert flushed.stdout.strip() == f"{total} entries flushed"
+    bulks = sync_counter(cluster, 2, "bulk_received")
     cluster.wait_converged(timeout=20)
     assert sync_counter(cluster, 2, "digest_mismatches") > 0
     assert sync_counter(cluster, 1, "repairs_sent") > 0
-    assert sync_counter(cluster, 2, "bulk_received") == 1, "repaired by digest, not by a resync"
+    assert sync_counter(cluster, 2, "bulk_received") == bulks, "repaired by digest, not resync"
 
 
 def test_three_nodes_two_generating_at_once(
@@ -227,6 +255,23 @@ def test_three_nodes_two_generating_at_once(
 # --------------------------------------------------------------------------- 2. loss
 
 
+def change_both(
+    cluster: Cluster, new1: list[Flow], new2: list[Flow], mark: int, tmp_path: Path
+) -> None:
+    """Creates, then mark updates, then destroys, on fw1 and fw2 at once."""
+    ns1, ns2 = cluster[1].ns, cluster[2].ns
+    run_concurrently(
+        lambda: insert_flows(ns1, new1, tmp_path), lambda: insert_flows(ns2, new2, tmp_path)
+    )
+    run_concurrently(
+        lambda: set_marks(ns1, {f.key: mark for f in new1[:1000]}),
+        lambda: set_marks(ns2, {f.key: mark for f in new2[:300]}),
+    )
+    run_concurrently(
+        lambda: delete_flows(ns1, new1[2000:2500]), lambda: delete_flows(ns2, new2[800:])
+    )
+
+
 @pytest.mark.timeout(150)
 def test_lossy_sync_link_converges_exactly(
     make_cluster: Callable[..., Cluster], tmp_path: Path
@@ -234,25 +279,12 @@ def test_lossy_sync_link_converges_exactly(
     # peer-dead-after 2 s: at 30 % loss ten ALIVEs in a row are lost only once in 170,000.
     cluster = make_cluster(2, sync={**FAST_SYNC, "peer-dead-after": 2.0})
     cluster.start()
-    base = 0
     settle: dict[int, float] = {}
-    for per_mille in (100, 300):
+    for round_, per_mille in enumerate((100, 300)):
         cluster.set_loss(per_mille)
-        new1 = make_flows(1, 3000, base=base)
-        new2 = make_flows(2, 1000, base=base)
-        base += 3000
-        run_concurrently(
-            lambda: insert_flows(cluster[1].ns, new1, tmp_path),
-            lambda: insert_flows(cluster[2].ns, new2, tmp_path),
-        )
-        run_concurrently(
-            lambda: set_marks(cluster[1].ns, {f.key: per_mille for f in new1[:1000]}),
-            lambda: set_marks(cluster[2].ns, {f.key: per_mille for f in new2[:300]}),
-        )
-        run_concurrently(
-            lambda: delete_flows(cluster[1].ns, new1[2000:2500]),
-            lambda: delete_flows(cluster[2].ns, new2[800:]),
-        )
+        new1 = make_flows(1, 3000, base=3000 * round_)
+        new2 = make_flows(2, 1000, base=3000 * round_)
+        change_both(cluster, new1, new2, per_mille, tmp_path)
         settle[per_mille] = cluster.wait_converged(timeout=30)
         ext = cluster.external(2, 1)
         assert all(ext[f.key]["mark"] == per_mille for f in new1[:1000])
@@ -370,12 +402,15 @@ def flow_keys(traffic: Traffic) -> set[CtKey]:
     return tcp | udp
 
 
-def wait_synced(site: FailoverSite, traffic: Traffic) -> dict[CtKey, dict[str, Any]]:
-    """Until fw2's external cache of fw1 holds every flow, TCP ones ESTABLISHED + SNAT."""
+def wait_synced(
+    site: FailoverSite, traffic: Traffic, viewer: int = 2, owner: int = 1
+) -> dict[CtKey, dict[str, Any]]:
+    """Until *viewer*'s external cache of *owner* holds every flow, TCP ones ESTABLISHED,
+    all with the SNAT reply tuple."""
     want = flow_keys(traffic)
 
     def synced() -> dict[CtKey, dict[str, Any]] | None:
-        ext = site.cluster.external(2, 1)
+        ext = site.cluster.external(viewer, owner)
         if not want <= ext.keys():
             return None
         for key in want:
@@ -386,66 +421,96 @@ def wait_synced(site: FailoverSite, traffic: Traffic) -> dict[CtKey, dict[str, A
                 return None
         return ext
 
-    return wait_until(synced, 15, "fw2's external cache to hold every flow of fw1")
+    return wait_until(synced, 15, f"fw{viewer}'s external cache to hold every flow of fw{owner}")
 
 
-def fail_over(site: FailoverSite, *, commit: bool) -> dict[str, Any] | None:
-    """fw1 dies (agent SIGKILLed, links down, VIPs gone); fw2 commits (or not), takes the
+def fail_over(site: FailoverSite, old: int, new: int, *, commit: bool) -> dict[str, Any] | None:
+    """*old* dies (agent SIGKILLed, links down, VIPs gone); *new* commits (or not), takes the
     VIPs and announces them with gratuitous ARP. Returns the commit's JSON result."""
     cluster = site.cluster
-    cluster.kill(1)
-    site.links(1, "down")
-    site.del_vips(1)
+    cluster.kill(old)
+    site.links(old, "down")
+    site.del_vips(old)
     result: dict[str, Any] | None = None
     if commit:
-        proc = cluster.cli(2, "commit", "--json")
+        proc = cluster.cli(new, "commit", "--json")
         assert proc.returncode == 0, f"commit failed: {proc.stdout}\n{proc.stderr}"
         result = json.loads(proc.stdout)
-    site.add_vips(2)
-    site.announce_vips(2)
+    site.add_vips(new)
+    site.announce_vips(new)
     return result
 
 
-def test_failover_with_commit_keeps_nated_tcp_flows(
-    netns_factory: NamespaceFactory, tmp_path: Path
-) -> None:
-    site = build_failover_site(netns_factory, tmp_path)
-    site.cluster.start()
-    traffic = start_traffic(site)
-    assert len(traffic.tcp_ports) == TCP_FLOWS and len(traffic.udp_ports) == UDP_FLOWS
-    external = wait_synced(site, traffic)
-    before = tcp_progress(site.client, SERVER_ADDR, TCP_PORT)
-    assert sorted(before) == traffic.tcp_ports
-
-    result = fail_over(site, commit=True)
-    assert result is not None
-    assert result["failed"] == 0 and result["errors"] == {}
-    assert result["committed"] == result["attempted"] == len(external)
-
+def wait_flows_carry_on(site: FailoverSite, traffic: Traffic, via: int) -> float:
+    """Until every TCP flow made 10 more echo rounds (a round is ~12 bytes); returns the
+    time that took."""
+    started = time.monotonic()
     at_failover = tcp_progress(site.client, SERVER_ADDR, TCP_PORT)
+    assert sorted(at_failover) == traffic.tcp_ports, "a TCP connection is gone"
 
-    def all_flows_moved() -> bool:
+    def all_moved() -> bool:
         now = tcp_progress(site.client, SERVER_ADDR, TCP_PORT)
-        # >= 10 more echo rounds on every flow (a round is ~12 bytes)
         return sorted(now) == traffic.tcp_ports and all(
             now[port] >= at_failover[port] + 120 for port in traffic.tcp_ports
         )
 
     wait_until(
-        all_flows_moved,
+        all_moved,
         20,
-        "every TCP flow to carry on through fw2",
-        describe=lambda: f"{at_failover} -> {tcp_progress(site.client, SERVER_ADDR, TCP_PORT)}\n"
-        f"fw2 invalid drops: {site.invalid_drops(2)}\n{site.fw(2).conntrack('-L').stdout}",
+        f"every TCP flow to carry on through fw{via}",
+        describe=lambda: (
+            f"{at_failover} -> {tcp_progress(site.client, SERVER_ADDR, TCP_PORT)}\n"
+            f"fw{via} invalid drops: {site.invalid_drops(via)}\n"
+            + site.fw(via).conntrack("-L").stdout
+        ),
     )
-    kernel = kernel_entries(site.fw(2))
+    return time.monotonic() - started
+
+
+def assert_flows_in_kernel(site: FailoverSite, traffic: Traffic, node_id: int) -> None:
+    """Every flow is in the node's table with the SNAT reply tuple (reply dst = the VIP)."""
+    kernel = kernel_entries(site.fw(node_id))
     for key in flow_keys(traffic):
         entry = kernel.get(key)
-        assert entry is not None, f"{key} not in fw2's table"
+        assert entry is not None, f"{key} not in fw{node_id}'s table"
         assert entry.reply["src"] == SERVER_ADDR and entry.reply["dst"] == VIP_WAN, entry.raw
         if key[0] == "tcp":
             assert entry.state == "ESTABLISHED" and "ASSURED" in entry.flags, entry.raw
+
+
+def test_failover_with_commit_keeps_nated_tcp_flows(
+    netns_factory: NamespaceFactory, tmp_path: Path
+) -> None:
+    """fw1 -> fw2 by hand with ``ctsync commit``; then fw1 comes back with an empty table
+    (a rebooted node), learns fw2's state and takes the flows back the same way."""
+    site = build_failover_site(netns_factory, tmp_path)
+    cluster = site.cluster
+    cluster.start()
+    traffic = start_traffic(site)
+    assert len(traffic.tcp_ports) == TCP_FLOWS and len(traffic.udp_ports) == UDP_FLOWS
+    external = wait_synced(site, traffic)
+
+    result = fail_over(site, 1, 2, commit=True)
+    assert result is not None
+    assert result["failed"] == 0 and result["errors"] == {}
+    assert result["committed"] == result["attempted"] == len(external)
+    took = wait_flows_carry_on(site, traffic, via=2)
+    assert_flows_in_kernel(site, traffic, 2)
     assert site.invalid_drops(2) == 0, "fw2 dropped packets of the flows as invalid"
+
+    # fw1 reboots: empty table, links up, agent started; it must get fw2's table back.
+    site.fw(1).conntrack("-F")
+    site.links(1, "up")
+    cluster.start(1)
+    wait_synced(site, traffic, viewer=1, owner=2)
+    invalid_before = site.invalid_drops(1)
+    result = fail_over(site, 2, 1, commit=True)
+    assert result is not None and result["failed"] == 0
+    assert result["committed"] == result["attempted"] >= len(flow_keys(traffic))
+    took_back = wait_flows_carry_on(site, traffic, via=1)
+    assert_flows_in_kernel(site, traffic, 1)
+    assert site.invalid_drops(1) == invalid_before
+    print(f"all flows moved on {took:.2f}s after the failover, {took_back:.2f}s after failback")
 
     traffic.client.send_line("done")
     traffic.client.wait_line("DONE", 15)
@@ -459,14 +524,14 @@ def test_failover_with_commit_keeps_nated_tcp_flows(
 def test_failover_without_commit_breaks_tcp_flows(
     netns_factory: NamespaceFactory, tmp_path: Path
 ) -> None:
-    """Negative control: the same failover without ``ctsync commit`` on fw2 must stall every
-    TCP flow (strict tracking drops their packets as invalid), or the test above is blind."""
+    """Negative control: the same failover without ``ctsync commit`` on fw2 must stall the
+    TCP flows (strict tracking drops their packets as invalid), or the test above is blind."""
     site = build_failover_site(netns_factory, tmp_path)
     site.cluster.start()
     traffic = start_traffic(site)
     wait_synced(site, traffic)
 
-    assert fail_over(site, commit=False) is None
+    assert fail_over(site, 1, 2, commit=False) is None
     at_failover = tcp_progress(site.client, SERVER_ADDR, TCP_PORT)
     # The client echoes on its flows in turn, so the first flow that stalls holds up the
     # others: wait until fw2 dropped several retransmissions (RTO 0.2, 0.4, 0.8, 1.6 s)...
@@ -482,6 +547,7 @@ def test_failover_without_commit_breaks_tcp_flows(
     assert moved == [], f"flows carried on without the synced state: {moved}"
     assert not flow_keys(traffic) & kernel_entries(site.fw(2)).keys()
     assert traffic.client.poll() is None, "the client neither finishes nor gets a reset"
+    assert not any(line.startswith("ERROR") for line in traffic.client.lines)
 
 
 # --------------------------------------------------------------------------- 5. auth
@@ -501,11 +567,13 @@ def test_node_with_wrong_key_injects_nothing(
     intruder_data = wait_until(
         lambda: sync_counter(cluster, 3, "data_sent"), 10, "fw3 to send its entries"
     )
+
+    def rejected_all(node_id: int) -> bool:
+        return sync_counter(cluster, node_id, "auth_failed") >= intruder_data
+
     for node_id in (1, 2):
         wait_until(
-            lambda n=node_id: sync_counter(cluster, n, "auth_failed") >= intruder_data,
-            10,
-            f"fw{node_id} to reject every DATA of fw3",
+            functools.partial(rejected_all, node_id), 10, f"fw{node_id} to reject fw3's DATA"
         )
     intruder_keys = {f.key for f in intruder_flows}
     for node_id in (1, 2):
