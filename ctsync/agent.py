@@ -114,6 +114,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._duplicates_logged = 0
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -200,6 +201,15 @@ class Agent:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             self.session.tick(loop.time())
             self._send()
+            duplicates = self.session.stats.duplicate_node_id
+            if duplicates > self._duplicates_logged:
+                if not self._duplicates_logged:
+                    log.error(
+                        "another agent on the sync link uses node-id %d: node ids must be "
+                        "unique, its datagrams are ignored",
+                        self.config.node_id,
+                    )
+                self._duplicates_logged = duplicates
 
     async def _watchdog(self, period: float) -> None:
         while True:
@@ -243,30 +253,49 @@ class Agent:
             asyncio.get_running_loop().call_soon(self._inject)
 
     def _inject(self) -> None:
+        """Write the peers' changes into the kernel, keeping ownership straight.
+
+        A connection belongs to the node whose kernel saw it first: the node that
+        announces it. Injected entries are excluded from our internal cache (we never
+        announce them back), an injection never overwrites nor deletes an entry we own,
+        and if a peer announces an entry we hold as ours — after a restart our dump reads
+        back what we had injected — we give it up and announce that we no longer hold it.
+        """
         self._inject_scheduled = False
         committer = self.committer
         if committer is None:
             return
         updates, self._inject_updates = self._inject_updates, {}
         destroys, self._inject_destroys = self._inject_destroys, set()
-        self.internal.exclude.update(updates)
+        internal, exclude, stats = self.internal, self.internal.exclude, self.inject_stats
+        for key in updates:
+            if key in internal:  # the peer owns it: stop claiming it
+                internal.destroy(key)
+                self.session.local_change(key)
         if updates:
+            fresh = sum(1 for key in updates if key not in exclude)
+            exclude.update(updates)
             result = committer.commit_records(
-                updates.items(), self.config.sync.commit_timeout_override
+                list(updates.items()), self.config.sync.commit_timeout_override
             )
-            self.inject_stats.created += result.committed
-            self.inject_stats.created_failed += result.failed
+            stats.created += min(fresh, result.committed)
+            stats.updated += max(result.committed - fresh, 0)
+            stats.created_failed += result.failed
         if destroys:
             targets = []
             for key in destroys:
-                self.internal.exclude.discard(key)
+                if key in internal:
+                    continue  # ours: a peer's stale claim never deletes our connection
+                exclude.discard(key)
                 try:
                     targets.append(record.decode_key(key))
                 except CtnetlinkError:
-                    self.inject_stats.destroyed_failed += 1
+                    stats.destroyed_failed += 1
             done, failed = committer.delete_many(targets)
-            self.inject_stats.destroyed += done
-            self.inject_stats.destroyed_failed += failed
+            stats.destroyed += done
+            stats.destroyed_failed += failed
+        if updates or destroys:
+            self._flush()
 
     # --- commands -------------------------------------------------------------------------
 
@@ -318,6 +347,8 @@ class Agent:
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         caches = self._caches(which)
+        if args.get("count") and selector.is_empty:
+            return {"count": sum(len(cache) for _, cache in caches), "entries": []}
         count = 0
         out: list[dict[str, Any]] = []
         for node, cache in caches:
@@ -390,7 +421,12 @@ class Agent:
         which = args.get("which", "all")
         flushed = 0
         if which in ("internal", "all"):
+            # The internal cache mirrors the kernel: emptying it without reading the kernel
+            # again would tell the peers (through anti-entropy) to drop their copy of our
+            # connections. So it is re-read at once, as VyOS's reset internal-cache does.
             flushed += self.internal.clear()
+            if self.kernel is not None:
+                await self.kernel.reconcile()
         if which in ("external", "all"):
             for peer in self.session.peers.values():
                 flushed += peer.external.clear()

@@ -18,10 +18,19 @@ The CLI is the test's window into an agent: :meth:`Cluster.ctl` runs
 would run the CLI dozens of times use :meth:`Cluster.query` (the same control socket through
 ``ctsync.io.control.call``, without a process start).
 
-Sync loss is emulated on the switch: a ``bridge`` family nftables rule drops the given
-per-mille of forwarded UDP datagrams of the sync port, per output port (each receiver of a
-multicast datagram loses its copy independently). ``tc netem`` is not used because the
-kernels these tests run on do not always have ``sch_netem``.
+Sync loss is emulated on the switch (:meth:`Cluster.set_loss`): a ``bridge`` family nftables
+rule drops the given per-mille of the sync datagrams forwarded to the ports ``s*``, per output
+port (each receiver of a multicast datagram loses its copy independently), or all of them (a
+partition). ``tc netem`` is not used: the kernels these tests run on do not always have
+``sch_netem`` (this one does not).
+
+Test data: bursts of entries are written with ``conntrack -R`` (``-I`` lines); updates and
+deletes go through ctnetlink from the test process, its thread moved into the namespace
+(``conntrack -R`` mishandles ``-U`` lines and its ``-D`` dumps the table per entry).
+
+Also here: :class:`Eavesdropper`, a keyless host on the sync segment that records and
+replays datagrams, and :func:`build_failover_site`, client -- fw1/fw2 -- server with VIPs,
+SNAT and strict TCP tracking, for failovers of real NATed flows.
 """
 
 from __future__ import annotations
@@ -32,16 +41,24 @@ import json
 import os
 import secrets
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgpack
+
+from ctsync.core.entry import entry_to_json, make_tuple
 from ctsync.io.control import AgentError, AgentUnreachable, call
+from ctsync.io.netlink import Committer, dump_table
 from tests.linux.netns import (
+    CtEntry,
     Namespace,
     NamespaceFactory,
     Process,
@@ -273,9 +290,6 @@ def delete_flows(ns: Namespace, flows: Sequence[Flow]) -> None:
     it deletes: 1,000 deletes of a 5,000-entry table take 30 s. ctsync's Committer, run
     from this thread moved into the namespace, sends them in batches.
     """
-    from ctsync.core.entry import make_tuple
-    from ctsync.io.netlink import Committer
-
     protos = {"tcp": 6, "udp": 17}
     targets = [(make_tuple(f.src, f.dst, protos[f.proto], f.sport, f.dport), None) for f in flows]
     with in_netns(ns.name), Committer() as committer:
@@ -291,9 +305,6 @@ def set_marks(ns: Namespace, marks: Mapping[CtKey, int]) -> int:
     namespace: ``conntrack -R`` mishandles ``-U`` lines and 5,000 ``conntrack -U`` processes
     are slow. Returns how many entries were updated.
     """
-    from ctsync.core.entry import entry_to_json
-    from ctsync.io.netlink import Committer, dump_table
-
     with in_netns(ns.name):
         table = dump_table()
         changed = []
@@ -308,9 +319,9 @@ def set_marks(ns: Namespace, marks: Mapping[CtKey, int]) -> int:
     return len(changed)
 
 
-def kernel_entries(ns: Namespace) -> dict[CtKey, Any]:
+def kernel_entries(ns: Namespace) -> dict[CtKey, CtEntry]:
     """The namespace's conntrack table (``conntrack -L``), by :data:`CtKey`."""
-    out: dict[CtKey, Any] = {}
+    out: dict[CtKey, CtEntry] = {}
     for e in parse_conntrack(ns.conntrack("-L", "-o", "extended").stdout):
         key = (
             e.proto,
@@ -341,7 +352,6 @@ class Node:
     socket_path: Path
     key_path: Path
     proc: Process | None = None
-    starts: int = 0
     old_procs: list[Process] = field(default_factory=list)
 
     @property
@@ -429,7 +439,6 @@ class Cluster:
             node.proc = node.ns.popen(
                 [sys.executable, "-m", "ctsync", "agent", "-c", str(node.config_path)]
             )
-            node.starts += 1
         for node_id in ids:
             node = self.nodes[node_id]
             wait_until(
@@ -458,16 +467,6 @@ class Cluster:
         proc = node.proc
         assert proc is not None, f"{node.name} is not running"
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        node.old_procs.append(proc)
-        node.proc = None
-
-    def stop(self, node_id: int) -> None:
-        """SIGTERM (clean stop) by pid."""
-        node = self.nodes[node_id]
-        proc = node.proc
-        assert proc is not None
-        proc.terminate()
         proc.wait(10)
         node.old_procs.append(proc)
         node.proc = None
@@ -527,11 +526,6 @@ class Cluster:
         """Node's external cache of *peer*, by key."""
         entries = self.query(node_id, "cache", {"which": "external"})["entries"]
         return cache_view(e for e in entries if e.get("peer") == peer)
-
-    def external_peers(self, node_id: int) -> set[int]:
-        """The peers node holds at least one external entry of."""
-        entries = self.query(node_id, "cache", {"which": "external"})["entries"]
-        return {int(e["peer"]) for e in entries}
 
     # --- convergence ---------------------------------------------------------------------
 
@@ -638,9 +632,12 @@ class Cluster:
     # --- the sync link -------------------------------------------------------------------
 
     def set_loss(self, per_mille: int) -> None:
-        """Drop this share (0..1000) of sync datagrams on every switch port (0 = none)."""
+        """Drop this share (0..1000) of sync datagrams on every switch port (0 = none,
+        1000 = a partition)."""
         rules = ""
-        if per_mille:
+        if per_mille >= 1000:
+            rules = f'oifname "s*" udp dport {SYNC_PORT} counter drop\n'
+        elif per_mille:
             rules = (
                 f'oifname "s*" udp dport {SYNC_PORT} '
                 f"numgen random mod 1000 < {per_mille} counter drop\n"
@@ -663,13 +660,81 @@ class Cluster:
         return total
 
 
-def sum_sync(stats: Iterable[Mapping[str, Any]], name: str) -> int:
-    return sum(int(s["sync"][name]) for s in stats)
+# --------------------------------------------------------------------------- eavesdropper
+
+MCAST_GROUP = "225.0.0.50"
+DATA = 3  # wire message type (docs/wire-protocol.md)
 
 
-def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def datagram_header(datagram: bytes) -> tuple[int, int, int]:
+    """``(type, node, epoch)`` of a sync datagram (body = msgpack array, then a 16-byte MAC)."""
+    body = msgpack.unpackb(datagram[:-16])
+    return int(body[1]), int(body[2]), int(body[3])
+
+
+class Eavesdropper:
+    """A third host on the sync segment (no key): records the group's datagrams, sends any.
+
+    Its socket is opened inside its namespace (``in_netns``) and read by a thread of the
+    test process; :meth:`close` (or the ``with`` block) stops it.
+    """
+
+    def __init__(self, cluster: Cluster, host: int = 99) -> None:
+        self.ns = cluster.factory.create("eve")
+        veth(self.ns, SYNC_IF, cluster.switch, f"s{host}")
+        cluster.switch.ip("link", "set", f"s{host}", "master", BRIDGE)
+        addr = f"{SYNC_PREFIX}{host}"
+        add_addr(self.ns, SYNC_IF, f"{addr}/24")
+        with in_netns(self.ns.name):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("", SYNC_PORT))
+        mreq = struct.pack("4s4s", socket.inet_aton(MCAST_GROUP), socket.inet_aton(addr))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(addr))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        sock.settimeout(0.1)
+        self.sock = sock
+        self.heard: list[bytes] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="eavesdropper", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.heard.append(data)
+
+    def take(self) -> list[bytes]:
+        """What was heard so far (and forget it)."""
+        with self._lock:
+            out, self.heard = self.heard, []
+        return out
+
+    def send(self, datagrams: Iterable[bytes]) -> int:
+        count = 0
+        for data in datagrams:
+            self.sock.sendto(data, (MCAST_GROUP, SYNC_PORT))
+            count += 1
+        return count
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+    def __enter__(self) -> Eavesdropper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------- failover site
@@ -723,9 +788,6 @@ def send_garp(ns: Namespace, ifname: str, address: str, count: int = 3) -> None:
 
     Neighbours that cache *address* take the sender's MAC, as after a VRRP failover.
     """
-    import socket
-    import struct
-
     ip = socket.inet_aton(address)
     with in_netns(ns.name), socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
         sock.bind((ifname, 0))
@@ -814,12 +876,14 @@ def build_failover_site(
 
 def tcp_progress(ns: Namespace, dst: str, dport: int) -> dict[int, int]:
     """``local port -> bytes received`` of the namespace's established TCP sockets to dst:dport."""
-    out = ns.run(["ss", "-tinH", "state", "established", "dst", f"{dst}:{dport}"]).stdout
+    peer = f"{dst}:{dport}"
+    out = ns.run(["ss", "-tinH", "state", "established", "dst", peer]).stdout
     result: dict[int, int] = {}
     port: int | None = None
     for line in out.splitlines():
-        if line and not line[0].isspace():
-            local = line.split()[-2]
+        if line and not line[0].isspace():  # "Recv-Q Send-Q local peer", then an info line
+            toks = line.split()
+            local = toks[toks.index(peer) - 1]
             port = int(local.rsplit(":", 1)[1])
             result[port] = 0
         elif port is not None:

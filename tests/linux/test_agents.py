@@ -29,18 +29,22 @@ import pytest
 from ctsync.core.entry import status_names
 from tests.linux.agents import (
     CLIENT_ADDR,
+    DATA,
     FAST_SYNC,
     SERVER_ADDR,
     VIP_WAN,
     Cluster,
     CtKey,
+    Eavesdropper,
     FailoverSite,
     Flow,
     build_failover_site,
     cache_view,
+    datagram_header,
     delete_flows,
     insert_flows,
     kernel_entries,
+    kernel_keys,
     make_flows,
     make_flows6,
     set_marks,
@@ -277,6 +281,8 @@ def test_lossy_sync_link_converges_exactly(
     make_cluster: Callable[..., Cluster], tmp_path: Path
 ) -> None:
     # peer-dead-after 2 s: at 30 % loss ten ALIVEs in a row are lost only once in 170,000.
+    # Loss at 10 %, then 30 %, then a partition; each time creates, updates and destroys
+    # on both nodes, and exact convergence while the loss goes on.
     cluster = make_cluster(2, sync={**FAST_SYNC, "peer-dead-after": 2.0})
     cluster.start()
     settle: dict[int, float] = {}
@@ -306,8 +312,58 @@ def test_lossy_sync_link_converges_exactly(
         text = cluster.cli(node_id, "show", "statistics").stdout
         assert f"{s['message_tracking']['lost']:20d} Lost msgs" in text
 
+    # A partition longer than peer-dead-after: each side declares the other down and drops
+    # its resend queue, so every DATA sent during the partition is lost for good. The
+    # receivers must count exactly those, and anti-entropy must still repair every entry.
+    before = {n: cluster.stats(n) for n in (1, 2)}
+    cluster.set_loss(1000)
+    new1 = make_flows(1, 3000, base=6000)
+    new2 = make_flows(2, 1000, base=6000)
+    change_both(cluster, new1, new2, 1000, tmp_path)
+    wait_until(
+        lambda: not any(p["up"] for n in (1, 2) for p in cluster.stats(n)["peers"]),
+        10,
+        "both sides to see the other down",
+    )
+    sent = {
+        n: cluster.stats(n)["sync"]["data_sent"] - before[n]["sync"]["data_sent"] for n in (1, 2)
+    }
+    cluster.set_loss(0)
+    took = cluster.wait_converged(timeout=30)
+    print(f"converged {took:.1f}s after the partition; DATA sent during it: {sent}")
+    for receiver, sender in ((1, 2), (2, 1)):
+        after = cluster.ctl(receiver, "show", "statistics")
+        assert_lost_consistent(after)
+        lost = {p["node"]: p["lost"] for p in after["peers"]}[sender]
+        lost_before = {p["node"]: p["lost"] for p in before[receiver]["peers"]}[sender]
+        assert lost - lost_before == sent[sender] > 0, f"fw{receiver}: {after['sync']}"
+        assert after["sync"]["digest_mismatches"] > before[receiver]["sync"]["digest_mismatches"]
+
 
 # --------------------------------------------------------------------------- 3. restarts
+
+
+class CountSampler:
+    """Samples *viewer*'s external entry count of *owner* every 20 ms in a thread."""
+
+    def __init__(self, cluster: Cluster, viewer: int, owner: int) -> None:
+        self.cluster, self.viewer, self.owner = cluster, viewer, owner
+        self.counts: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            peer = peer_status(self.cluster, self.viewer, self.owner)
+            self.counts.append(peer["external_entries"] if peer else 0)
+
+    def __enter__(self) -> CountSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 @pytest.mark.parametrize("victim", [1, 2], ids=["sender", "receiver"])
@@ -343,8 +399,13 @@ def test_kill9_restart_converges(
     # The dead peer's last known state stays: it is what a failover would commit.
     assert set(cluster.external(survivor, victim)) == {f.key for f in flows[victim]}
 
-    cluster.start(victim)
-    took = cluster.wait_converged(timeout=30)
+    kept = len(flows[victim]) - len(destroyed[victim])  # in the table before and after
+    with CountSampler(cluster, survivor, victim) as sampler:
+        cluster.start(victim)
+        took = cluster.wait_converged(timeout=30)
+    # The full transfer replaces the old copy by mark-and-sweep: at no moment may the
+    # survivor lose entries that stayed in the table (a failover then would drop them).
+    assert sampler.counts and min(sampler.counts) >= kept, sampler.counts
     print(f"converged {took:.1f}s after the restart of fw{victim}")
     new_epoch = cluster.query(victim, "status")["epoch"]
     assert new_epoch > old_epoch
@@ -594,6 +655,40 @@ def test_node_with_wrong_key_injects_nothing(
     assert not kernel_entries(cluster[2].ns).keys() & intruder_keys
 
 
+def test_replayed_datagrams_are_rejected(
+    make_cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """A host on the sync segment records real, authentic datagrams and sends them again
+    after the connections they created are gone: nothing may come back."""
+    cluster = make_cluster(2)
+    cluster.start()
+    flows = make_flows(1, 500)
+    with Eavesdropper(cluster) as eve:
+        insert_flows(cluster[1].ns, flows, tmp_path)
+        cluster.wait_converged(timeout=20)
+        heard = eve.take()
+        headers = [datagram_header(d) for d in heard]
+        assert any(h[:2] == (DATA, 1) for h in headers), "no DATA of fw1 heard"
+        delete_flows(cluster[1].ns, flows)
+        cluster.wait_converged(timeout=20)
+        before = {n: cluster.stats(n)["sync"] for n in (1, 2)}
+        assert eve.send(heard) == len(heard)
+
+        def counted() -> bool:
+            # Each node counts the other's datagrams as replayed and its own as its own.
+            after = {n: cluster.stats(n)["sync"] for n in (1, 2)}
+            return all(
+                after[n]["replayed"] - before[n]["replayed"]
+                == sum(1 for h in headers if h[1] == 3 - n)
+                and after[n]["own"] - before[n]["own"] >= sum(1 for h in headers if h[1] == n)
+                for n in (1, 2)
+            )
+
+        wait_until(counted, 10, "every replayed datagram to be counted as a replay")
+    assert cluster.external(2, 1) == {}
+    assert cluster.divergence() == ""
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -625,7 +720,52 @@ def test_flush_resync_and_bulk_send(make_cluster: Callable[..., Cluster], tmp_pa
     assert_external_is_kernel(cluster, 2, 1)
 
     assert cli_text(1, "flush", "internal") == "2000 entries flushed"
-    assert cluster.stats(1)["internal"]["active"] == 0
+    # The internal cache mirrors the kernel: a flush re-reads it at once (as VyOS's
+    # reset internal-cache does: -f, -R, -B).
+    assert cluster.stats(1)["internal"]["active"] == 2000
     assert cli_text(1, "resync", "--kernel") == "internal cache resynced: 2000 entries"
     cluster.wait_converged(timeout=10)
     assert_external_is_kernel(cluster, 2, 1)
+
+
+def test_flushing_the_owners_internal_cache_keeps_the_peers_copy(
+    make_cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """With anti-entropy running, an emptied internal cache would tell the peers to drop
+    their copy of our connections; the flush re-reads the kernel so that never happens."""
+    cluster = make_cluster(2, sync={**FAST_SYNC, "digest-interval": 1.0})
+    cluster.start()
+    insert_flows(cluster[1].ns, make_flows(1, 2000), tmp_path)
+    cluster.wait_converged(timeout=20)
+    proc = cluster.cli(1, "flush")
+    assert proc.returncode == 0, proc.stderr
+    time.sleep(3.0)  # three digest rounds
+    assert len(cluster.external(2, 1)) == 2000
+    cluster.wait_converged(timeout=10)
+    assert_external_is_kernel(cluster, 2, 1)
+
+
+# --------------------------------------------------------------------------- inject mode
+
+
+def test_inject_mode_restart_does_not_claim_peer_entries(
+    make_cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    cluster = make_cluster(2, sync={**FAST_SYNC, "disable-external-cache": True})
+    cluster.start()
+    own = {1: make_flows(1, 300), 2: make_flows(2, 50)}
+    for node_id, node_flows in own.items():
+        insert_flows(cluster[node_id].ns, node_flows, tmp_path)
+    everything = {f.key for node_flows in own.values() for f in node_flows}
+    for node_id in (1, 2):
+        wait_until(
+            functools.partial(lambda n: kernel_keys(cluster[n].ns) == everything, node_id),
+            20,
+            f"fw{node_id}'s kernel to hold both nodes' entries (injected)",
+        )
+    cluster.kill(1)
+    cluster.start(1)
+    wait_until(lambda: not cluster.count_divergence([1, 2]), 20, "the restart to settle")
+    # fw1's kernel holds fw2's 50 entries because fw1 injected them; they are not fw1's.
+    claimed = set(cluster.internal(1)) & {f.key for f in own[2]}
+    assert not claimed, f"fw1 announces {len(claimed)} of fw2's connections as its own"

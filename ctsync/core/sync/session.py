@@ -184,7 +184,10 @@ class SyncSession:
             setattr(stats, name, getattr(stats, name) + 1)
             return
         if dg.node == self.node_id:
-            stats.own += 1
+            if dg.epoch == self.epoch:
+                stats.own += 1  # our own multicast, looped back
+            else:
+                stats.duplicate_node_id += 1  # another node uses our node id
             return
         peer = self.peers.get(dg.node)
         if peer is None:

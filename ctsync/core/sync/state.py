@@ -76,6 +76,7 @@ class SyncStats:
     replayed: int = 0
     unverified: int = 0
     own: int = 0
+    duplicate_node_id: int = 0  # authenticated datagrams from another node with our id
     stale: int = 0  # ACK/REPAIR/GONE for an older epoch of ours: ignored
     # handshake and liveness
     hellos_sent: int = 0
