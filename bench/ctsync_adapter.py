@@ -198,8 +198,9 @@ class CtsyncDaemon(cb.SyncDaemon):  # type: ignore[misc,name-defined]
         raise RuntimeError(f"ctsync on {node.name} not ready after 30 s")
 
     def counts(self, node: Any) -> tuple[int | None, int | None]:
-        s = request(self.sock(node), "statistics", timeout=DEFAULT_TIMEOUT)
-        return s["internal"]["active"], s["external"]["active"]
+        # The agent's cheap poll: cache sizes only (no statistics snapshot).
+        c = request(self.sock(node), "counts", timeout=DEFAULT_TIMEOUT)
+        return c["internal"], c["external"]
 
     def commit_cmd(self, node: Any) -> list[str]:
         return self.cli(node, "commit", "-S", self.sock(node))

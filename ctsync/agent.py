@@ -152,6 +152,11 @@ class Agent:
                 len(self.internal),
                 ", ".join(ch.interface for ch in sync.channels()),
             )
+            if sync.expect_sync:
+                log.warning(
+                    "expect-sync is set but expectation sync is not implemented yet: "
+                    "expectations (FTP/SIP data channels) are not synced"
+                )
             sdnotify.ready(f"{len(self.internal)} entries")
             await self._stop.wait()
         finally:

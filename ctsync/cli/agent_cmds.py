@@ -99,19 +99,24 @@ def commit_cmd(socket_path: str, as_json: bool) -> None:
 @click.command("flush", epilog=EPILOG)
 @click.argument("which", type=click.Choice(["internal", "external", "all"]), default="all")
 @socket_option
-def flush_cmd(which: str, socket_path: str) -> None:
-    """Empty the internal and/or external caches (conntrackd -f); the kernel table stays."""
+@json_option
+def flush_cmd(which: str, socket_path: str, as_json: bool) -> None:
+    """Empty the caches (conntrackd -f). The kernel table stays; the internal cache, its
+    mirror, is read again from it at once."""
     result = call_agent(socket_path, "flush", {"which": which})
-    click.echo(f"{result['flushed']} entries flushed")
+    click.echo(_json(result) if as_json else f"{result['flushed']} entries flushed")
 
 
 @click.command("resync", epilog=EPILOG)
 @click.option("--kernel", is_flag=True, help="Re-read the kernel table instead (conntrackd -R).")
 @socket_option
-def resync_cmd(kernel: bool, socket_path: str) -> None:
+@json_option
+def resync_cmd(kernel: bool, socket_path: str, as_json: bool) -> None:
     """Ask the peers for a full transfer of their tables (conntrackd -n)."""
     result = call_agent(socket_path, "resync", {"kernel": kernel})
-    if kernel:
+    if as_json:
+        click.echo(_json(result))
+    elif kernel:
         click.echo(f"internal cache resynced: {result['entries']} entries")
     else:
         click.echo(f"full transfer requested from {len(result['peers'])} peer(s)")
@@ -119,10 +124,11 @@ def resync_cmd(kernel: bool, socket_path: str) -> None:
 
 @click.command("bulk-send", epilog=EPILOG)
 @socket_option
-def bulk_send_cmd(socket_path: str) -> None:
+@json_option
+def bulk_send_cmd(socket_path: str, as_json: bool) -> None:
     """Send the whole internal cache to the peers (conntrackd -B)."""
     result = call_agent(socket_path, "bulk-send")
-    click.echo(f"{result['entries']} entries queued for sending")
+    click.echo(_json(result) if as_json else f"{result['entries']} entries queued for sending")
 
 
 @click.command("statistics", epilog=EPILOG)
