@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := conntrack conntrackd nftables iproute2 keepalived tcpdump python3-venv python3-pip
+APT_PACKAGES := conntrack conntrackd nftables iproute2 iputils-ping procps util-linux keepalived tcpdump python3-venv python3-pip
 
 .PHONY: all deps venv lint typecheck test test-core test-linux demo bench clean
 

@@ -1,3 +1,3 @@
-from ctsync.cli.main import main
+from ctsync.cli.entry import main
 
 main()

@@ -23,13 +23,12 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ctsync.config import Config, load_config, read_key
 from ctsync.core import record
-from ctsync.core.cache import Cache, Change
+from ctsync.core.cache import Cache, CacheCounters, Change
 from ctsync.core.ctnetlink import CtnetlinkError
 from ctsync.core.entry import entry_to_json
 from ctsync.core.select import EntryFilter as Selector
@@ -44,17 +43,8 @@ from ctsync.io.transport import LinkConfig, Transport
 
 log = logging.getLogger("ctsync.agent")
 
-
-@dataclass
-class InjectStats:
-    """``external inject`` counters (disable-external-cache mode)."""
-
-    created: int = 0
-    created_failed: int = 0
-    updated: int = 0
-    updated_failed: int = 0
-    destroyed: int = 0
-    destroyed_failed: int = 0
+# How long kernel changes may wait to share a datagram with the next ones (seconds).
+FLUSH_DELAY = 0.001
 
 
 class Agent:
@@ -83,7 +73,7 @@ class Agent:
             os.urandom,
         )
         self.inject = sync.disable_external_cache
-        self.inject_stats = InjectStats()
+        self.inject_stats = CacheCounters()  # conntrackd's `external inject` block
         if self.inject:
             self.session.on_external_change = self._queue_injection
         self._inject_updates: dict[bytes, bytes] = {}
@@ -115,6 +105,8 @@ class Agent:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._duplicates_logged = 0
+        self._flush_scheduled = False
+        self._timer_deadline = 0.0
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -201,6 +193,7 @@ class Agent:
             deadline = self.session.next_deadline()
             now = loop.time()
             timeout = 1.0 if deadline is None else min(max(deadline - now, 0.0), 1.0)
+            self._timer_deadline = now + timeout
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
@@ -232,13 +225,23 @@ class Agent:
             self.session.local_change(key)
 
     def _flush(self) -> None:
+        """After a batch of kernel events: send the changes within FLUSH_DELAY, so that
+        the batches of a busy moment share datagrams (and their per-datagram work)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(FLUSH_DELAY, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
         self.session.flush(self._now())
         self._send()
 
     def _send(self) -> None:
         for datagram in self.session.datagrams_to_send():
             self.transport.send(datagram)
-        self._wake.set()
+        deadline = self.session.next_deadline()
+        if deadline is not None and deadline < self._timer_deadline:
+            self._wake.set()  # the timer sleeps past something now due earlier
 
     def _on_datagram(self, data: bytes, source: tuple[str, int], link: int) -> None:
         self.session.receive(data, self._now())

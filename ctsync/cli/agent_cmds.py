@@ -13,12 +13,18 @@ from typing import Any
 
 import click
 
+from ctsync.cli.entry import (
+    DEFAULT_SOCKET,
+    format_bulk_send,
+    format_commit,
+    format_flush,
+    format_resync,
+)
 from ctsync.cli.errors import AgentUnreachableError, CliError
 from ctsync.cli.options import CONTEXT_SETTINGS, EPILOG, build_selector, selection_options
 from ctsync.core.select import IPNetwork
 
 DEFAULT_CONFIG = Path("/etc/ctsync/ctsync.toml")
-DEFAULT_SOCKET = "/run/ctsync/ctsync.sock"
 
 socket_option = click.option(
     "-S",
@@ -34,7 +40,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 
 def call_agent(socket_path: str, command: str, args: dict[str, Any] | None = None) -> Any:
     """One request to the agent; exit 3 if it is unreachable, 1 if it reports a failure."""
-    from ctsync.io.control import AgentError, AgentUnreachable, call
+    from ctsync.io.control_client import AgentError, AgentUnreachable, call
 
     try:
         return call(socket_path, command, args, timeout=300.0)
@@ -87,11 +93,7 @@ def commit_cmd(socket_path: str, as_json: bool) -> None:
     if as_json:
         click.echo(_json(result))
     else:
-        errors = ", ".join(f"{name}: {n}" for name, n in result["errors"].items())
-        click.echo(
-            f"{result['committed']} entries committed, {result['failed']} failed "
-            f"in {result['seconds']:.3f}s" + (f" ({errors})" if errors else "")
-        )
+        click.echo(format_commit(result))
     if result["failed"]:
         raise SystemExit(1)
 
@@ -104,7 +106,7 @@ def flush_cmd(which: str, socket_path: str, as_json: bool) -> None:
     """Empty the caches (conntrackd -f). The kernel table stays; the internal cache, its
     mirror, is read again from it at once."""
     result = call_agent(socket_path, "flush", {"which": which})
-    click.echo(_json(result) if as_json else f"{result['flushed']} entries flushed")
+    click.echo(_json(result) if as_json else format_flush(result))
 
 
 @click.command("resync", epilog=EPILOG)
@@ -114,12 +116,7 @@ def flush_cmd(which: str, socket_path: str, as_json: bool) -> None:
 def resync_cmd(kernel: bool, socket_path: str, as_json: bool) -> None:
     """Ask the peers for a full transfer of their tables (conntrackd -n)."""
     result = call_agent(socket_path, "resync", {"kernel": kernel})
-    if as_json:
-        click.echo(_json(result))
-    elif kernel:
-        click.echo(f"internal cache resynced: {result['entries']} entries")
-    else:
-        click.echo(f"full transfer requested from {len(result['peers'])} peer(s)")
+    click.echo(_json(result) if as_json else format_resync(result))
 
 
 @click.command("bulk-send", epilog=EPILOG)
@@ -128,7 +125,7 @@ def resync_cmd(kernel: bool, socket_path: str, as_json: bool) -> None:
 def bulk_send_cmd(socket_path: str, as_json: bool) -> None:
     """Send the whole internal cache to the peers (conntrackd -B)."""
     result = call_agent(socket_path, "bulk-send")
-    click.echo(_json(result) if as_json else f"{result['entries']} entries queued for sending")
+    click.echo(_json(result) if as_json else format_bulk_send(result))
 
 
 @click.command("statistics", epilog=EPILOG)
