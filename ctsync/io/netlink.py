@@ -30,7 +30,7 @@ from ctsync.core import ctnetlink as nl
 from ctsync.core import record
 from ctsync.core.cache import Cache, Change
 from ctsync.core.ctnetlink import CtnetlinkError
-from ctsync.core.entry import AF_INET6, CtTuple, Entry, Expectation
+from ctsync.core.entry import CtTuple, Entry, Expectation
 
 log = logging.getLogger("ctsync.netlink")
 
@@ -671,7 +671,3 @@ class KernelTable:
         self.stats.last_reconcile_seconds = time.perf_counter() - started
         self.stats.last_reconcile_removed = len(gone)
         return len(gone)
-
-
-def family_of(text: str) -> int:
-    return AF_INET6 if ":" in text else socket.AF_INET
