@@ -465,42 +465,13 @@ class Agent:
 
     def snapshot(self) -> Snapshot:
         now = self._now()
-        c = self.internal.counters
-        internal = CacheStats(
-            len(self.internal),
-            c.created,
-            c.created_failed,
-            c.updated,
-            c.updated_failed,
-            c.destroyed,
-            c.destroyed_failed,
-            c.filtered,
-        )
+        internal = CacheStats.of(len(self.internal), self.internal.counters)
         if self.inject:
-            i = self.inject_stats
-            external = CacheStats(
-                0,
-                i.created,
-                i.created_failed,
-                i.updated,
-                i.updated_failed,
-                i.destroyed,
-                i.destroyed_failed,
-            )
+            external = CacheStats.of(0, self.inject_stats)
         else:
             external = CacheStats()
             for peer in self.session.peers.values():
-                e = peer.external.counters
-                external = external + CacheStats(
-                    len(peer.external),
-                    e.created,
-                    e.created_failed,
-                    e.updated,
-                    e.updated_failed,
-                    e.destroyed,
-                    e.destroyed_failed,
-                    e.filtered,
-                )
+                external = external + CacheStats.of(len(peer.external), peer.external.counters)
         transport = self.transport.stats()
         links = tuple(
             LinkStats(

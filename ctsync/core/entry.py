@@ -7,13 +7,14 @@ the CLI renders. Nothing here touches a socket or the clock.
 
 from __future__ import annotations
 
-import socket
+import ipaddress
 from dataclasses import dataclass, replace
 from enum import IntEnum, IntFlag
 from typing import Any
 
-AF_INET = int(socket.AF_INET)
-AF_INET6 = int(socket.AF_INET6)
+# Address families as ctnetlink carries them (Linux's AF_INET / AF_INET6).
+AF_INET = 2
+AF_INET6 = 10
 
 # IP protocol numbers ctsync knows by name.
 IPPROTO_ICMP = 1
@@ -147,11 +148,11 @@ class CtTuple:
 
     @property
     def src_text(self) -> str:
-        return socket.inet_ntop(self.family, self.src)
+        return str(ipaddress.ip_address(self.src))
 
     @property
     def dst_text(self) -> str:
-        return socket.inet_ntop(self.family, self.dst)
+        return str(ipaddress.ip_address(self.dst))
 
     def inverted(self) -> CtTuple:
         """The tuple of the other direction without NAT (nf_ct_invert_tuple).
@@ -428,8 +429,7 @@ def _dataclass_items(obj: Any) -> list[tuple[str, Any]]:
 
 def addr(text: str) -> bytes:
     """Parse an IPv4 or IPv6 address into raw bytes (for tests and config)."""
-    family = AF_INET6 if ":" in text else AF_INET
-    return socket.inet_pton(family, text)
+    return ipaddress.ip_address(text).packed
 
 
 def make_tuple(

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+from ctsync.core.cache import CacheCounters
+
 SCHEMA: Final = "ctsync.statistics/v1"
 
 
@@ -25,6 +27,12 @@ class CacheStats:
     destroyed: int = 0
     destroyed_failed: int = 0
     filtered: int = 0
+
+    @classmethod
+    def of(cls, active: int, counters: CacheCounters) -> CacheStats:
+        """From a cache's counters; ``active`` is its current size."""
+        fields = [name for name in cls.__dataclass_fields__ if name != "active"]
+        return cls(active, *(getattr(counters, name) for name in fields))
 
     def __add__(self, other: CacheStats) -> CacheStats:
         return CacheStats(*(a + b for a, b in zip(_values(self), _values(other), strict=True)))
