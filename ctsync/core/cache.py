@@ -1,5 +1,11 @@
 """Internal and external conntrack caches.
 
+Caches hold expectation records too (``ctsync.core.expect``: a key kind conntrack keys
+never use), so that the sync session, its resends, full transfers and digests carry them
+unchanged. They enter through :meth:`Cache.update_expectation` (the conntrack filter does
+not apply: the reader filters them by helper and master) and leave through the ordinary
+:meth:`Cache.destroy`; :meth:`Cache.entries` yields conntrack entries only.
+
 The internal cache mirrors the local kernel table (fed by events and dumps); an external
 cache holds what one peer node told us. Both map record keys to record values (see
 ``ctsync.core.record``) and keep conntrackd's per-cache counters, which ``show statistics``
@@ -17,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
-from ctsync.core import record
+from ctsync.core import expect, record
 from ctsync.core.entry import Entry
 from ctsync.core.filter import ACCEPT_ALL, EntryFilter
 
@@ -130,8 +136,20 @@ class Cache:
         return list(self._entries)
 
     def entries(self) -> Iterator[Entry]:
+        """The conntrack entries (expectation records are skipped)."""
         for key, value in self.items():
-            yield record.to_entry(key, value)
+            if not expect.is_expectation_key(key):
+                yield record.to_entry(key, value)
+
+    def expectation_items(self) -> list[tuple[bytes, bytes]]:
+        """The expectation records (a scan of the whole cache: for commands, not events)."""
+        is_exp = expect.is_expectation_key
+        return [(k, v) for k, v in self._entries.items() if is_exp(k)]
+
+    def count_expectations(self) -> int:
+        """How many records are expectations (a scan, as :meth:`expectation_items`)."""
+        is_exp = expect.is_expectation_key
+        return sum(1 for k in self._entries if is_exp(k))
 
     # --- the event path ---------------------------------------------------------------
 
@@ -172,6 +190,33 @@ class Cache:
         entries[key] = value
         if self.digest is not None:
             self._digest_swap(key, old, value)
+        self.counters.updated += 1
+        return Change.UPDATED
+
+    def update_expectation(self, key: bytes, value: bytes) -> Change:
+        """Apply an expectation record read from the kernel (EXP_NEW event or dump).
+
+        Like :meth:`update` for a complete record: excluded keys, the limit, reconcile
+        marks, the digest and the counters apply; a record that only counted down its
+        timeout is UNCHANGED. The conntrack filter does not apply (see the module doc)."""
+        entries = self._entries
+        if self._seen is not None:
+            self._seen.add(key)
+        old = entries.get(key)
+        if old is None:
+            if self.exclude and key in self.exclude:
+                return Change.IGNORED
+            if self.limit and len(entries) >= self.limit:
+                self.counters.created_failed += 1
+                return Change.FAILED
+            entries[key] = value
+            self._digest_swap(key, None, value)
+            self.counters.created += 1
+            return Change.NEW
+        if expect.same_but_timeout(old, value):
+            return Change.UNCHANGED
+        entries[key] = value
+        self._digest_swap(key, old, value)
         self.counters.updated += 1
         return Change.UPDATED
 

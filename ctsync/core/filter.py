@@ -1,4 +1,5 @@
-"""Which conntrack entries a cache takes: accept-protocol, ignore-address, TCP states.
+"""Which conntrack entries a cache takes: accept-protocol, ignore-address, TCP states;
+and which expectations it takes: expect-sync's helper names (:class:`HelperFilter`).
 
 Semantics follow conntrackd's userspace filter (src/filter.c), which VyOS drives:
 - ``accept-protocol``: only these IP protocols pass (empty = all);
@@ -124,3 +125,39 @@ class EntryFilter:
 
 
 ACCEPT_ALL = EntryFilter()
+
+
+@dataclass(frozen=True)
+class HelperFilter:
+    """``expect-sync``: which expectations are synced, by the helper that made them.
+
+    conntrackd matches each configured name case-insensitively as a *prefix* of the
+    expectation's helper name ("to support things like sip-PORT", src/filter.c
+    exp_filter_find). ``helpers=None`` takes every expectation (``all``); an empty set
+    takes none (expectation sync off). Which master entries a cache takes is the
+    conntrack filter's business: an expectation whose master is not cached is dropped
+    by the reader, as conntrackd's ct_filter_master does.
+    """
+
+    helpers: tuple[str, ...] | None = ()
+
+    @classmethod
+    def build(cls, helpers: Iterable[str] | None) -> HelperFilter:
+        if helpers is None:
+            return cls(None)
+        return cls(tuple(sorted({h.strip().lower() for h in helpers if h.strip()})))
+
+    @property
+    def enabled(self) -> bool:
+        return self.helpers is None or bool(self.helpers)
+
+    def accepts(self, helper: str | None) -> bool:
+        if self.helpers is None:
+            return True
+        if not helper:
+            return False
+        return helper.lower().startswith(self.helpers)
+
+
+NO_EXPECTATIONS = HelperFilter()
+ALL_EXPECTATIONS = HelperFilter(None)

@@ -13,6 +13,8 @@ Key (identifies the connection: original tuple + zone)::
     KEY_V4_ICMP   src(4) dst(4) id(2) type(1) code(1)
     KEY_V6_ICMP   src(16) dst(16) id(2) type(1) code(1)
     KEY_RAW       the raw CTA_TUPLE_ORIG payload (other protocols, directional zones)
+    KEY_EXPECT    not a conntrack entry: an expectation record (``ctsync.core.expect``);
+                  conntrack keys never use it, so both live in one cache and one stream
 
 Value (what is synced about it)::
 
@@ -54,6 +56,8 @@ KEY_V6_PORTS: Final = 2
 KEY_V4_ICMP: Final = 3
 KEY_V6_ICMP: Final = 4
 KEY_RAW: Final = 5
+# Kinds 0x40..0x7F are for records that are not conntrack entries; conntrack kinds stay below.
+KEY_EXPECT: Final = 0x40
 KEY_ZONE: Final = 0x80
 
 VAL_TCP: Final = 0x01

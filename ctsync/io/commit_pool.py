@@ -6,6 +6,9 @@ The worker is forked when the pool is created — the agent does it first thing,
 still single-threaded — and then sleeps on a pipe. A commit sends it half of the records
 (pickled: a private pipe to our own child, never outside input), inserts the other half
 itself, and adds up both results. If the worker is gone, the commit runs in one process.
+
+Expectation records (``ctsync.core.expect``) need their master entries in the table: both
+halves set them aside, and this process commits them once both halves are in.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def _worker_main(requests: int, replies: int, batch: int) -> None:
         committer = Committer(batch=batch)
         while (frame := _read_frame(requests)) is not None:
             records, timeout = pickle.loads(frame)
-            result = committer.commit_records(records, timeout)
+            result = committer.commit_records(records, timeout, expectations=False)
             _write_frame(replies, pickle.dumps(result))
     except BaseException:  # the child must never return into the caller's code
         status = 1
@@ -115,14 +118,18 @@ class CommitPool:
         except OSError as exc:
             self._lost_worker(f"cannot reach the commit worker: {exc}")
             return self.local.commit_records(items, timeout)
-        mine = self.local.commit_records(items[:half], timeout)
+        mine = self.local.commit_records(items[:half], timeout, expectations=False)
         frame = _read_frame(self._replies)
         if frame is None:
             self._lost_worker("the commit worker died during a commit")
-            rest = self.local.commit_records(items[half:], timeout)
-            return _add(mine, rest)
-        theirs: CommitResult = pickle.loads(frame)
-        return _add(mine, theirs)
+            theirs = self.local.commit_records(items[half:], timeout, expectations=False)
+        else:
+            theirs = pickle.loads(frame)
+        total = _add(mine, theirs)
+        deferred = mine.deferred + theirs.deferred
+        if deferred:  # after every master, whichever process committed it
+            total.add_expectations(self.local.commit_expectations(deferred))
+        return total
 
     def _lost_worker(self, why: str) -> None:
         log.error("%s; committing in one process from now on", why)
@@ -158,6 +165,9 @@ def _add(a: CommitResult, b: CommitResult) -> CommitResult:
         failed=a.failed + b.failed,
         retried_as_update=a.retried_as_update + b.retried_as_update,
         seconds=max(a.seconds, b.seconds),
+        expect_attempted=a.expect_attempted + b.expect_attempted,
+        expect_committed=a.expect_committed + b.expect_committed,
+        expect_failed=a.expect_failed + b.expect_failed,
     )
     total.errors = a.errors + b.errors
     return total

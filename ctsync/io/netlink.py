@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 
 from ctsync.core import commit as commit_codec
 from ctsync.core import ctnetlink as nl
-from ctsync.core import record
+from ctsync.core import expect, record
 from ctsync.core.cache import Cache, Change
 from ctsync.core.ctnetlink import CtnetlinkError
 from ctsync.core.entry import CtTuple, Entry, Expectation
+from ctsync.core.filter import NO_EXPECTATIONS, HelperFilter
 
 log = logging.getLogger("ctsync.netlink")
 
@@ -177,6 +178,32 @@ def dump_table(family: int = 0) -> list[Entry]:
         return [nl.decode_entry(buf, s, e) for buf, _t, s, e in iter_dump(sock, family)]
 
 
+def get_entry(sock: socket.socket, key: bytes) -> record.Parsed | None:
+    """Read one entry by its record key (CT_GET); None when the kernel has no such entry."""
+    orig, zone = record.decode_key(key)
+    seq = _seq.next()
+    parts = [nl.encode_tuple(nl.CTA_TUPLE_ORIG, orig)]
+    if zone is not None:
+        parts.append(nl.attr_be16(nl.CTA_ZONE, zone))
+    body = b"".join(parts)
+    flags = nl.NLM_F_REQUEST | nl.NLM_F_ACK
+    sock.send(nl.message_header(nl.CT_GET, flags, seq, orig.family, len(body)) + body)
+    found: record.Parsed | None = None
+    buf = bytearray(_RECV_SIZE)
+    while True:
+        n = sock.recv_into(buf)
+        for mtype, _flags, mseq, _pid, start, end in nl.iter_messages(buf, n):
+            if mseq != seq:
+                continue
+            if mtype == nl.CT_NEW:
+                found = record.parse_ct(buf, start + nl.NFGEN_HDRLEN, end)
+            elif mtype == nl.NLMSG_ERROR:
+                err, _ = nl.decode_error(buf, start, end)
+                if err and err != errno.ENOENT:
+                    raise NetlinkError(err, os.strerror(err))
+                return found
+
+
 def dump_expectations(family: int = 0) -> list[Expectation]:
     with open_socket() as sock:
         return [
@@ -195,7 +222,12 @@ def count_entries() -> int:
 
 @dataclass
 class CommitResult:
-    """What a commit did: conntrackd reports the same totals (-c)."""
+    """What a commit did: conntrackd reports the same totals (-c).
+
+    ``attempted``/``committed``/``failed``/``errors`` count every record, expectations
+    included; ``expect_*`` count the expectations alone (conntrackd reports them apart).
+    ``deferred`` holds the expectation records a commit was told to leave for later
+    (``expectations=False``): the commit pool runs them once every master is in."""
 
     attempted: int = 0
     committed: int = 0
@@ -203,10 +235,25 @@ class CommitResult:
     retried_as_update: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    expect_attempted: int = 0
+    expect_committed: int = 0
+    expect_failed: int = 0
+    deferred: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     def add_error(self, err: int) -> None:
         self.failed += 1
         self.errors[errno.errorcode.get(err, str(err))] += 1
+
+    def add_expectations(self, other: CommitResult) -> None:
+        """Fold the result of an expectation commit into this one."""
+        self.attempted += other.attempted
+        self.committed += other.committed
+        self.failed += other.failed
+        self.errors += other.errors
+        self.expect_attempted += other.attempted
+        self.expect_committed += other.committed
+        self.expect_failed += other.failed
+        self.seconds += other.seconds
 
 
 class Committer:
@@ -233,14 +280,29 @@ class Committer:
         self.close()
 
     def commit_records(
-        self, records: Iterable[tuple[bytes, bytes]], timeout: int | None = None
+        self,
+        records: Iterable[tuple[bytes, bytes]],
+        timeout: int | None = None,
+        *,
+        expectations: bool = True,
     ) -> CommitResult:
-        """Create-or-update each (key, value) record, NAT included; count every failure."""
+        """Create-or-update each (key, value) record, NAT included; count every failure.
+
+        Expectation records go in after every conntrack record (an expectation needs its
+        master in the table), or, with ``expectations=False``, are returned unsent in
+        ``result.deferred``. ``timeout`` overrides conntrack timeouts only: a helper's
+        policy sets an expectation's timeout anyway."""
         result = CommitResult()
         started = time.perf_counter()
         retry: list[tuple[bytes, bytes]] = []
+        deferred = result.deferred
         self._build_batches(
-            records, timeout, True, result, lambda b: self._flush_batch(b[0], b[1], result, retry)
+            records,
+            timeout,
+            True,
+            result,
+            lambda b: self._flush_batch(b[0], b[1], result, retry),
+            deferred=deferred,
         )
         # A NAT create on an entry that exists already is refused (NAT on an update is
         # EOPNOTSUPP): commit those as plain updates of the live entry.
@@ -255,6 +317,36 @@ class Committer:
                 count=False,
             )
         result.committed = result.attempted - result.failed
+        if expectations and deferred:
+            result.add_expectations(self.commit_expectations(deferred))
+            result.deferred = []
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def commit_expectations(self, records: Iterable[tuple[bytes, bytes]]) -> CommitResult:
+        """Create (or refresh) expectation records; their masters must be in the table.
+
+        The kernel refuses an expectation whose master is missing (ENOENT), has no helper
+        (EOPNOTSUPP), or whose helper is not loaded here (EOPNOTSUPP): each is counted."""
+        result = CommitResult()
+        started = time.perf_counter()
+        parts: list[bytes] = []
+        pending: dict[int, tuple[bytes, bytes]] = {}
+        for key, value in records:
+            result.attempted += 1
+            seq = _seq.next()
+            try:
+                parts.append(expect.commit_message(key, value, seq))
+            except CtnetlinkError:
+                result.add_error(errno.EINVAL)
+                continue
+            pending[seq] = (key, value)
+            if len(parts) >= self.batch:
+                self._flush_batch(parts, pending, result, None)
+                parts, pending = [], {}
+        if parts:
+            self._flush_batch(parts, pending, result, None)
+        result.committed = result.attempted - result.failed
         result.seconds = time.perf_counter() - started
         return result
 
@@ -267,6 +359,7 @@ class Committer:
         ship: Callable[[tuple[list[bytes], dict[int, tuple[bytes, bytes]]]], None],
         *,
         count: bool = True,
+        deferred: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         # The per-entry loop is the failover's critical path: keep it to the build call.
         build = commit_codec.commit_message_positional
@@ -280,7 +373,12 @@ class Committer:
             try:
                 parts.append(build(item[0], item[1], base + len(parts), timeout, flags, with_nat))
             except CtnetlinkError:
-                invalid += 1
+                # Expectation keys fail the conntrack build: set aside here, so the hot
+                # loop pays nothing for them.
+                if deferred is not None and expect.is_expectation_key(item[0]):
+                    deferred.append(item)
+                else:
+                    invalid += 1
                 continue
             batch_records.append(item)
             if len(parts) >= batch:
@@ -397,6 +495,27 @@ class Committer:
             message[nl.NLMSG_HDRLEN + 1] = 1  # nfgenmsg.version
         request(self.sock, bytes(message), seq)
 
+    def delete_expectations(self, keys: Iterable[bytes]) -> tuple[int, int]:
+        """Delete expectation records' expectations; returns (deleted, missing or failed)."""
+        result = CommitResult()
+        parts: list[bytes] = []
+        pending: dict[int, tuple[bytes, bytes]] = {}
+        for key in keys:
+            result.attempted += 1
+            seq = _seq.next()
+            try:
+                parts.append(expect.delete_message(key, seq, nl.NLM_F_REQUEST))
+            except CtnetlinkError:
+                result.add_error(errno.EINVAL)
+                continue
+            pending[seq] = (key, b"")
+            if len(parts) >= self.batch:
+                self._flush_batch(parts, pending, result, None)
+                parts, pending = [], {}
+        if parts:
+            self._flush_batch(parts, pending, result, None)
+        return result.attempted - result.failed, result.failed
+
     def flush_expectations(self, family: int = 0) -> None:
         seq = _seq.next()
         request(self.sock, nl.encode_flush(seq, family, expectations=True), seq)
@@ -425,9 +544,15 @@ class EventStats:
     last_reconcile_seconds: float = 0.0
     last_reconcile_removed: int = 0
     events_discarded: int = 0  # queued before a dump, which superseded them
+    expectations_filtered: int = 0  # helper not in expect-sync
+    expectations_orphaned: int = 0  # master not in the cache (filtered or unknown)
 
 
 ChangeSink = Callable[[Change, bytes, bool], None]
+
+# How long after a new expectation its master is re-read (the helper mangles the packet
+# right after it creates the expectation, in the same softirq).
+MASTER_REFRESH_DELAY = 0.02
 
 
 class KernelTable:
@@ -437,6 +562,13 @@ class KernelTable:
     they arrive; an overrun (ENOBUFS: the kernel dropped events) is counted, the buffer
     grows (up to ``rcvbuf_max``) and a dump reconciles the cache by mark-and-sweep.
     ``sink`` hears every change with whether our own commit socket caused it.
+
+    ``expect_helpers`` turns on expectation sync (config ``expect-sync``): ``()`` (the
+    default) syncs none, ``None`` every helper's, else the helpers named (matched as
+    :class:`HelperFilter` does). Expectations are then kept in the same cache as records
+    of their own key kind, from EXP events (their own nfnetlink subsystem: the conntrack
+    event path does not change) and from the expectation dump that follows each
+    conntrack dump; one whose master entry is not in the cache is not kept.
     """
 
     def __init__(
@@ -449,8 +581,15 @@ class KernelTable:
         expectations: bool = False,
         own_portids: Iterable[int] = (),
         after_batch: Callable[[], None] | None = None,
+        expect_helpers: Iterable[str] | None = (),
     ) -> None:
         self.cache = cache
+        self.expect_filter: HelperFilter = (
+            HelperFilter.build(expect_helpers)
+            if expect_helpers is None or expect_helpers
+            else NO_EXPECTATIONS
+        )
+        expectations = expectations or self.expect_filter.enabled
         self.stats = EventStats()
         self.sink = sink
         self.after_batch = after_batch
@@ -468,6 +607,7 @@ class KernelTable:
         self._reconcile_task: asyncio.Task[None] | None = None
         self._reconcile_lock = asyncio.Lock()
         self._resync_needed = False
+        self._stale_masters: set[bytes] = set()
 
     @property
     def fileno(self) -> int:
@@ -555,6 +695,7 @@ class KernelTable:
                             sink(change, parts[0], is_own)
                 elif mtype >> 8 == nl.NFNL_SUBSYS_CTNETLINK_EXP:
                     stats.expectation_events += 1
+                    self._on_expectation(buf, mtype, off + 20, off + mlen, pid)
                 elif mtype in (nl.NLMSG_ERROR, nl.NLMSG_DONE):
                     pass
                 else:
@@ -564,6 +705,69 @@ class KernelTable:
         if handled and self.after_batch is not None:
             self.after_batch()
         return handled
+
+    def _on_expectation(self, buf: bytearray, mtype: int, start: int, end: int, pid: int) -> None:
+        """An EXP_NEW/EXP_DELETE event: filter by helper and master, apply, report."""
+        efilter = self.expect_filter
+        if not efilter.enabled or mtype not in (nl.EXP_NEW, nl.EXP_DELETE):
+            return
+        try:
+            parsed = expect.parse_expectation(buf, start, end)
+        except CtnetlinkError:
+            self.stats.catch_event_failed += 1
+            return
+        cache = self.cache
+        if mtype == nl.EXP_NEW:
+            change = self._take_expectation(parsed)
+        elif parsed.key in cache:
+            change = cache.destroy(parsed.key)
+        else:
+            return  # never taken (filtered, no master), or gone already
+        is_own = pid in self.own_portids if pid else False
+        if is_own:
+            self.stats.events_own += 1
+        if self.sink is not None and change:
+            self.sink(change, parsed.key, is_own)
+
+    def _take_expectation(self, parsed: expect.ParsedExpectation) -> Change:
+        if not self.expect_filter.accepts(parsed.helper):
+            self.stats.expectations_filtered += 1
+            return Change.IGNORED
+        if parsed.master_key not in self.cache:
+            self.stats.expectations_orphaned += 1
+            return Change.IGNORED
+        change = self.cache.update_expectation(parsed.key, parsed.value)
+        if change is Change.NEW and self._loop is not None:
+            self._refresh_master_soon(parsed.master_key)
+        return change
+
+    def _refresh_master_soon(self, key: bytes) -> None:
+        """Re-read a new expectation's master shortly: a NAT helper that mangles the
+        packet announcing the expectation (FTP PORT/227, SIP SDP) changes the master's
+        sequence adjustment, and the kernel sends no event for that change (only synproxy
+        does), so without this read a peer would commit the master without it and the
+        connection would break after a failover. Dumps carry it anyway."""
+        if not self._stale_masters and self._loop is not None:
+            self._loop.call_later(MASTER_REFRESH_DELAY, self._refresh_masters)
+        self._stale_masters.add(key)
+
+    def _refresh_masters(self) -> None:
+        keys, self._stale_masters = self._stale_masters, set()
+        cache, sink = self.cache, self.sink
+        try:
+            with open_socket() as sock:
+                for key in keys:
+                    parts = get_entry(sock, key)
+                    if parts is None or key not in cache:
+                        continue
+                    change = cache.update(parts)
+                    if sink is not None and change in (Change.NEW, Change.UPDATED):
+                        sink(change, key, False)
+        except (OSError, CtnetlinkError) as exc:
+            log.warning("could not re-read the master of an expectation: %s", exc)
+            self.schedule_reconcile()
+        if self.after_batch is not None:
+            self.after_batch()
 
     def _on_overrun(self) -> None:
         self.stats.netlink_overrun += 1
@@ -624,6 +828,20 @@ class KernelTable:
                 self.stats.events_discarded += 1
         return False
 
+    def _dump_expectations(self, sock: socket.socket) -> None:
+        sink = self.sink
+        for buf, mtype, start, end in iter_dump(sock, 0, expectations=True):
+            if mtype != nl.EXP_NEW:
+                continue
+            try:
+                parsed = expect.parse_expectation(buf, start, end)
+            except CtnetlinkError:
+                self.stats.catch_event_failed += 1
+                continue
+            change = self._take_expectation(parsed)
+            if sink is not None and change in (Change.NEW, Change.UPDATED):
+                sink(change, parsed.key, False)
+
     async def _reconcile(self) -> int:
         started = time.perf_counter()
         cache = self.cache
@@ -655,6 +873,9 @@ class KernelTable:
                         if self.after_batch is not None:
                             self.after_batch()
                         await asyncio.sleep(0)
+                if self.expect_filter.enabled:
+                    # After the conntrack dump: the masters are in the cache by now.
+                    self._dump_expectations(sock)
         except BaseException:
             cache.abort_reconcile()
             raise
