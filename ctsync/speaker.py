@@ -1,0 +1,569 @@
+"""ctsync's own VRRP speaker: where the pure ``core.vrrp`` state machine meets the sockets.
+
+One :class:`VrrpSpeaker` runs all ``[[vrrp.instance]]`` entries as one sync group (a
+firewall's connection state has a single role). It owns
+
+* the raw VRRP sockets (:mod:`ctsync.io.vrrp_socket`), one per interface, family and
+  multicast / unicast source, shared by the instances that match (dispatch by VRID);
+* the virtual addresses and their announcements (:mod:`ctsync.io.vip`);
+* a link watcher that turns interface up/down into ``SyncGroup.link``;
+* one timer, armed for ``SyncGroup.next_deadline()`` after every event.
+
+The core returns actions; they run here, in order. Adverts go out at once, whatever else
+is pending: a new master that made its peers wait for its commit would lose the election
+it just won. Address work (add, remove, announce) is queued and done in order by one
+task, because becoming MASTER waits for ``before_addresses`` — the agent commits the
+synced connections there — *before* the addresses are added: "commit before VIP", the
+race keepalived + conntrackd lose (DESIGN.md). If the group leaves MASTER while that wait
+runs, the addresses of that now stale transition are not added at all.
+
+Received adverts go through keepalived's checks (``check_advert``); each rejection is
+counted per reason and logged at most once a minute per instance and reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ipaddress
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from ctsync.config import VrrpConfig, VrrpInstance
+from ctsync.core.vrrp.machine import (
+    AddAddresses,
+    Announce,
+    GroupState,
+    InstanceParams,
+    InstanceState,
+    InstanceStatus,
+    RemoveAddresses,
+    SendAdvert,
+    State,
+    SyncGroup,
+)
+from ctsync.core.vrrp.packet import (
+    AUTH_NONE,
+    AUTH_PASS,
+    Advert,
+    Expect,
+    VrrpPacketError,
+    check_advert,
+    decode_advert_ex,
+    encode_advert,
+    pass_auth_data,
+)
+from ctsync.io.vip import Addresses, LinkWatcher, Vip, link_is_up, send_garp, send_unsolicited_na
+from ctsync.io.vrrp_socket import (
+    ChannelKey,
+    RateLimitedLog,
+    Received,
+    VrrpChannel,
+    VrrpSocketError,
+)
+
+log = logging.getLogger("ctsync.vrrp")
+
+_TRANSITIONS_KEPT = 10
+
+
+class SpeakerError(Exception):
+    """The speaker cannot start (interface, address or socket problem); says which."""
+
+
+def _wallclock() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _text(addr: bytes) -> str:
+    return str(ipaddress.ip_address(addr))
+
+
+@dataclass
+class _Instance:
+    """Runtime side of one configured instance."""
+
+    cfg: VrrpInstance
+    vips: list[Vip]
+    ifindex: int
+    channel: VrrpChannel
+    params: InstanceParams
+    expect: Expect
+    peers: list[bytes]  # unicast destinations; empty for multicast
+    old_checksum: bool = False  # v3/IPv4 unicast: the peer uses the pre-1.3.6 form
+    sent: int = 0
+    received: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    transitions: collections.deque[dict[str, Any]] = field(
+        default_factory=lambda: collections.deque(maxlen=_TRANSITIONS_KEPT)
+    )
+    announce_handles: list[asyncio.TimerHandle] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+
+# Address work queued for the worker; ``generation`` is the group transition it belongs to.
+@dataclass(frozen=True)
+class _Work:
+    kind: str  # "before" | "add" | "remove" | "announce"
+    instance: str | None
+    generation: int
+
+
+class VrrpSpeaker:
+    """The VRRP speaker of one node (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: VrrpConfig,
+        *,
+        before_addresses: Callable[[], Awaitable[None]],
+        on_group_state: Callable[[State, State, str], None],
+    ) -> None:
+        if not config.instance:
+            raise SpeakerError("no [[vrrp.instance]] configured")
+        self.config = config
+        self.before_addresses = before_addresses
+        self.on_group_state = on_group_state
+        self.group: SyncGroup | None = None
+        self.instances: dict[str, _Instance] = {}
+        self.channels: dict[ChannelKey, VrrpChannel] = {}
+        self._by_vrid: dict[tuple[ChannelKey, int], _Instance] = {}
+        self.addresses = Addresses()
+        self.links: LinkWatcher | None = None
+        self.unknown_vrid = 0
+        self.group_transitions: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=_TRANSITIONS_KEPT
+        )
+        self._generation = 0
+        self._master = False  # the group's latest state is MASTER
+        self._holding: set[str] = set()  # instances whose addresses we added
+        self._work: asyncio.Queue[_Work] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._log = RateLimitedLog(log)
+        self._started = False
+        self._stopped = False
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open sockets, clear stale addresses, start the group (raises SpeakerError)."""
+        if self._started:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._work = asyncio.Queue()
+        try:
+            await self.addresses.open()
+            for cfg in self.config.instance:
+                await self._setup_instance(cfg)
+            for channel in self.channels.values():
+                channel.start(self._loop)
+            self.links = LinkWatcher(
+                {i.cfg.interface for i in self.instances.values()}, self._on_link
+            )
+            self.links.start()
+        except (VrrpSocketError, OSError) as exc:
+            await self._close_io()
+            raise SpeakerError(str(exc)) from exc
+        except BaseException:
+            await self._close_io()
+            raise
+        self.group = SyncGroup(self.config.sync_group, [i.params for i in self.instances.values()])
+        self._worker = asyncio.create_task(self._run_work(), name="vrrp-addresses")
+        self._started = True
+        now = self._loop.time()
+        for inst in self.instances.values():
+            if not link_is_up(inst.cfg.interface):
+                self.group.link(inst.name, False, now)  # before start: start enters FAULT
+        # start() begins with RemoveAddresses for every instance, as keepalived: leftovers
+        # of a crash would make two holders of an address.
+        self._dispatch(self.group.start(now))
+        self._arm()
+        log.info(
+            "VRRP speaker started: sync group %s, instances %s",
+            self.config.sync_group,
+            ", ".join(
+                f"{i.name} (VRID {i.cfg.virtual_router_id} on {i.channel.describe()}, v"
+                f"{i.cfg.version}, priority {i.cfg.priority})"
+                for i in self.instances.values()
+            ),
+        )
+
+    async def _setup_instance(self, cfg: VrrpInstance) -> None:
+        ifindex = await self.addresses.ifindex(cfg.interface)
+        if ifindex is None:
+            raise SpeakerError(f"vrrp instance {cfg.name}: no interface {cfg.interface!r}")
+        vips = [Vip.parse(text) for text in cfg.virtual_address]
+        family = cfg.family
+        unicast = bool(cfg.unicast_peer)
+        if cfg.unicast_src is not None:
+            source = cfg.unicast_src.packed
+        elif family == 4:
+            found = await self.addresses.primary_ipv4(ifindex, exclude=[v.address for v in vips])
+            if found is None:
+                raise SpeakerError(
+                    f"vrrp instance {cfg.name}: {cfg.interface} has no IPv4 address to send from"
+                )
+            source = found
+        else:
+            found = await self.addresses.link_local(ifindex)
+            if found is None:
+                raise SpeakerError(
+                    f"vrrp instance {cfg.name}: {cfg.interface} has no link-local IPv6 address"
+                )
+            source = found
+        key = ChannelKey(cfg.interface, family, source if unicast else None)
+        channel = self.channels.get(key)
+        if channel is None:
+            channel = VrrpChannel(key, ifindex=ifindex, source=source, on_packet=self._on_packet)
+            channel.open()
+            self.channels[key] = channel
+        if (key, cfg.virtual_router_id) in self._by_vrid:
+            raise SpeakerError(
+                f"vrrp instance {cfg.name}: VRID {cfg.virtual_router_id} is already used on"
+                f" {channel.describe()}"
+            )
+        auth_type = AUTH_PASS if cfg.auth_pass else AUTH_NONE
+        auth_data = pass_auth_data(cfg.auth_pass) if cfg.auth_pass else bytes(8)
+        params = InstanceParams(
+            name=cfg.name,
+            version=cfg.version,
+            vrid=cfg.virtual_router_id,
+            priority=cfg.priority,
+            interval_cs=cfg.advert_centiseconds,
+            preempt=cfg.preempt,
+            preempt_delay=cfg.preempt_delay,
+            start_master=cfg.state == "MASTER",
+            primary=source,
+            family=family,
+        )
+        expect = Expect(
+            version=cfg.version,
+            vrid=cfg.virtual_router_id,
+            family=family,
+            addresses=frozenset(v.address for v in vips),
+            interval_cs=cfg.advert_centiseconds,
+            auth_type=auth_type,
+            auth_data=auth_data,
+            multicast=not unicast,
+        )
+        inst = _Instance(
+            cfg=cfg,
+            vips=vips,
+            ifindex=ifindex,
+            channel=channel,
+            params=params,
+            expect=expect,
+            peers=[p.packed for p in cfg.unicast_peer],
+        )
+        self.instances[cfg.name] = inst
+        self._by_vrid[(key, cfg.virtual_router_id)] = inst
+
+    async def stop(self) -> None:
+        """Graceful stop: priority-0 adverts from a master, then its addresses removed."""
+        if not self._started or self._stopped:
+            return
+        self._stopped = True
+        loop = asyncio.get_running_loop()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        assert self.group is not None
+        try:
+            self._dispatch(self.group.shutdown(loop.time()))
+        except Exception:
+            log.exception("VRRP shutdown of the state machine failed")
+        # Whatever the worker was doing (maybe waiting for a commit) no longer matters:
+        # the addresses must go.
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._worker
+            self._worker = None
+        for inst in self.instances.values():
+            self._cancel_announces(inst)
+        for name in sorted(self._holding):
+            await self._remove(self.instances[name])
+        await self._close_io()
+        log.info("VRRP speaker stopped")
+
+    async def _close_io(self) -> None:
+        if self.links is not None:
+            self.links.close()
+            self.links = None
+        for channel in self.channels.values():
+            channel.close()
+        await self.addresses.close()
+
+    # --- events -------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _on_packet(self, channel: VrrpChannel, packet: Received) -> None:
+        if self.group is None or self._stopped:
+            return
+        msg = packet.message
+        inst = self._by_vrid.get((channel.key, msg[1])) if len(msg) >= 2 else None
+        if inst is None:
+            self.unknown_vrid += 1  # D2: keepalived ignores these silently
+            return
+        try:
+            adv, old = decode_advert_ex(
+                msg, src=packet.src, dst=packet.dst, verify_ipv6_checksum=False
+            )
+            check_advert(adv, inst.expect, ttl=packet.ttl, dst=packet.dst)
+        except VrrpPacketError as exc:
+            inst.rejected[exc.reason] += 1
+            self._log(
+                logging.WARNING,
+                (inst.name, exc.reason),
+                "VRRP %s: advert from %s rejected (%s): %s",
+                inst.name,
+                _text(packet.src),
+                exc.reason,
+                exc,
+            )
+            return
+        if old and not inst.old_checksum:
+            inst.old_checksum = True
+            log.info("VRRP %s: peer uses the old unicast VRRPv3 checksum; so do we now", inst.name)
+        inst.received += 1
+        self._dispatch(self.group.receive(inst.name, adv, packet.src, self._now()))
+        self._arm()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.group is None or self._stopped:
+            return
+        self._dispatch(self.group.tick(self._now()))
+        self._arm()
+
+    def _on_link(self, ifname: str, up: bool) -> None:
+        if self.group is None or self._stopped:
+            return
+        log.info("VRRP: interface %s is %s", ifname, "up" if up else "down")
+        for inst in self.instances.values():
+            if inst.cfg.interface == ifname:
+                self._dispatch(self.group.link(inst.name, up, self._now()))
+        self._arm()
+
+    def _arm(self) -> None:
+        """One timer, for the state machine's next deadline."""
+        if self.group is None or self._stopped or self._loop is None:
+            return
+        deadline = self.group.next_deadline()
+        if self._timer is not None:
+            if deadline is not None and self._timer.when() == deadline:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    # --- actions ------------------------------------------------------------------------
+
+    def _dispatch(self, actions: list[Any]) -> None:
+        """Run the core's actions in order: adverts and notifications now, addresses queued."""
+        for action in actions:
+            try:
+                self._do(action)
+            except Exception:
+                log.exception("VRRP action %r failed", action)
+
+    def _do(self, action: Any) -> None:
+        if isinstance(action, SendAdvert):
+            self._send(self.instances[action.instance], action.priority)
+        elif isinstance(action, GroupState):
+            self._generation += 1
+            self._master = action.new == State.MASTER
+            self.group_transitions.append(
+                {
+                    "time": _wallclock(),
+                    "from": str(action.old),
+                    "to": str(action.new),
+                    "reason": action.reason,
+                }
+            )
+            log.info(
+                "VRRP group %s: %s -> %s (%s)", action.group, action.old, action.new, action.reason
+            )
+            if self._master:
+                self._queue("before", None)
+            try:
+                self.on_group_state(action.old, action.new, action.reason)
+            except Exception:
+                log.exception("VRRP group state handler failed")
+        elif isinstance(action, InstanceState):
+            inst = self.instances[action.instance]
+            inst.transitions.append(
+                {
+                    "time": _wallclock(),
+                    "from": str(action.old),
+                    "to": str(action.new),
+                    "reason": action.reason,
+                }
+            )
+            log.info(
+                "VRRP %s: %s -> %s (%s)", action.instance, action.old, action.new, action.reason
+            )
+        elif isinstance(action, AddAddresses):
+            self._queue("add", action.instance)
+        elif isinstance(action, RemoveAddresses):
+            self._cancel_announces(self.instances[action.instance])
+            self._queue("remove", action.instance)
+        elif isinstance(action, Announce):
+            self._queue("announce", action.instance)
+        else:
+            log.warning("VRRP: unknown action %r ignored", action)
+
+    def _queue(self, kind: str, instance: str | None) -> None:
+        if self._work is not None:
+            self._work.put_nowait(_Work(kind, instance, self._generation))
+
+    def _send(self, inst: _Instance, priority: int) -> None:
+        cfg = inst.cfg
+        adv = Advert(
+            version=cfg.version,
+            vrid=cfg.virtual_router_id,
+            priority=priority,
+            interval_cs=cfg.advert_centiseconds,
+            addresses=tuple(v.address for v in inst.vips),
+            auth_type=inst.expect.auth_type,
+            auth_data=inst.expect.auth_data if inst.expect.auth_type else b"",
+        )
+        channel = inst.channel
+        for dst in inst.peers or [channel.group]:
+            msg = encode_advert(adv, src=channel.source, dst=dst, old_checksum=inst.old_checksum)
+            if channel.send(msg, dst):
+                inst.sent += 1
+
+    async def _run_work(self) -> None:
+        assert self._work is not None
+        while True:
+            work = await self._work.get()
+            try:
+                await self._do_work(work)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("VRRP address work %s failed", work)
+
+    async def _do_work(self, work: _Work) -> None:
+        current = work.generation == self._generation and self._master
+        if work.kind == "before":
+            if current:
+                try:
+                    await self.before_addresses()
+                except Exception:
+                    # The addresses are taken anyway: forwarding with part of the state
+                    # beats not forwarding.
+                    log.exception("VRRP: before_addresses failed; adding the addresses anyway")
+            return
+        assert work.instance is not None
+        inst = self.instances[work.instance]
+        if work.kind == "remove":
+            await self._remove(inst)
+        elif work.kind == "add":
+            if not current:
+                log.info("VRRP %s: no longer master; addresses not added", inst.name)
+                return
+            self._holding.add(inst.name)
+            for vip in inst.vips:
+                await self.addresses.add(inst.ifindex, vip)
+        elif work.kind == "announce" and current:
+            self._announce(inst)
+            delay = inst.cfg.garp_master_delay
+            if delay > 0:
+                assert self._loop is not None
+                generation = work.generation
+                handle = self._loop.call_later(delay, self._announce_again, inst, generation)
+                inst.announce_handles.append(handle)
+
+    def _announce_again(self, inst: _Instance, generation: int) -> None:
+        inst.announce_handles = [h for h in inst.announce_handles if not h.cancelled()]
+        if generation == self._generation and self._master and not self._stopped:
+            self._announce(inst)
+
+    def _announce(self, inst: _Instance) -> None:
+        count = inst.cfg.garp_master_repeat
+        addrs = [v.address for v in inst.vips]
+        if inst.cfg.family == 4:
+            send_garp(inst.cfg.interface, addrs, count)
+        else:
+            send_unsolicited_na(inst.cfg.interface, inst.ifindex, addrs, count)
+
+    def _cancel_announces(self, inst: _Instance) -> None:
+        for handle in inst.announce_handles:
+            handle.cancel()
+        inst.announce_handles.clear()
+
+    async def _remove(self, inst: _Instance) -> None:
+        self._holding.discard(inst.name)
+        for vip in inst.vips:
+            try:
+                await self.addresses.remove(inst.ifindex, vip)
+            except Exception:
+                log.exception("VRRP %s: removing %s failed", inst.name, vip)
+
+    # --- status -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """JSON-able view for ``ctsync show status``."""
+        group = self.group
+        instances = []
+        for inst in self.instances.values():
+            view = group.instance(inst.name) if group is not None else None
+            instances.append(
+                {
+                    "name": inst.name,
+                    "interface": inst.cfg.interface,
+                    "family": inst.cfg.family,
+                    "version": inst.cfg.version,
+                    "virtual_router_id": inst.cfg.virtual_router_id,
+                    "mode": "multicast" if inst.channel.multicast else "unicast",
+                    "source": _text(inst.channel.source),
+                    "virtual_addresses": [str(v) for v in inst.vips],
+                    **_instance_view(view, inst),
+                    "adverts_sent": inst.sent,
+                    "adverts_received": inst.received,
+                    "rejected": dict(inst.rejected),
+                    "old_unicast_checksum": inst.old_checksum,
+                    "holds_addresses": inst.name in self._holding,
+                    "transitions": list(inst.transitions),
+                }
+            )
+        return {
+            "sync_group": self.config.sync_group,
+            "state": str(group.state) if group is not None else str(State.INIT),
+            "transitions": list(self.group_transitions),
+            "instances": instances,
+            "unknown_vrid": self.unknown_vrid,
+            "channels": [c.stats() for c in self.channels.values()],
+        }
+
+
+def _instance_view(view: InstanceStatus | None, inst: _Instance) -> dict[str, Any]:
+    """The core's per-instance status, as JSON-able fields."""
+    if view is None:
+        return {"state": str(State.INIT), "priority": inst.cfg.priority}
+    return {
+        "state": str(view.state),
+        "priority": view.priority,
+        "base_priority": view.base_priority,
+        "master": _text(view.master) if view.master else None,
+        "master_priority": view.master_priority,
+        "learned_interval": view.master_interval_cs / 100,
+        "link_up": view.link_up,
+        "reason": view.reason,
+    }
