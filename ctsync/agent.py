@@ -8,6 +8,8 @@ One asyncio loop runs everything a node does:
   per peer from what they send (it is pure: the agent feeds it datagrams and the time);
 - ``Transport`` carries the datagrams over the sync links;
 - ``ControlServer`` answers the CLI (statistics, caches, commit, flush, resync, ...);
+- ``FailoverController`` runs the failover plan when the role changes, as told by the
+  VRRP speaker (``VrrpSpeaker``), keepalived's notify FIFO or ``ctsync failover``;
 - a timer runs ``SyncSession.tick`` when its next deadline comes.
 
 Systemd style: logs to stderr, SIGTERM/SIGINT stop cleanly, SIGHUP reloads what can be
@@ -24,13 +26,15 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctsync.config import Config, load_config, read_key
-from ctsync.core import record
+from ctsync.controller import FailoverController
+from ctsync.core import expect, record
 from ctsync.core.cache import Cache, CacheCounters, Change
 from ctsync.core.ctnetlink import CtnetlinkError
 from ctsync.core.entry import entry_to_json
+from ctsync.core.failover import Role, parse_fifo_line, parse_notify
 from ctsync.core.select import EntryFilter as Selector
 from ctsync.core.stats import CacheStats, CommitStats, LinkStats, NetlinkStats, PeerStats, Snapshot
 from ctsync.core.sync import SessionConfig, SyncSession
@@ -39,7 +43,12 @@ from ctsync.io import sdnotify
 from ctsync.io.commit_pool import CommitPool
 from ctsync.io.control import CommandError, ControlServer
 from ctsync.io.netlink import CommitResult, Committer, KernelTable
+from ctsync.io.notify_fifo import NotifyFifo
+from ctsync.io.timeouts import set_timeouts
 from ctsync.io.transport import LinkConfig, Transport
+
+if TYPE_CHECKING:
+    from ctsync.speaker import VrrpSpeaker
 
 log = logging.getLogger("ctsync.agent")
 
@@ -107,6 +116,18 @@ class Agent:
         self._duplicates_logged = 0
         self._flush_scheduled = False
         self._timer_deadline = 0.0
+        failover = config.failover
+        self.controller = FailoverController(
+            _Steps(self),
+            mechanism=failover.mechanism,
+            speaker=failover.mechanism == "vrrp",
+            inject=self.inject,
+            purge_timeout=config.sync.purge_timeout,
+            commit_wait=failover.commit_wait,
+        )
+        self.speaker: VrrpSpeaker | None = None
+        self.fifo: NotifyFifo | None = None
+        self.fifo_ignored = 0
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -127,12 +148,14 @@ class Agent:
                 sink=self._on_local_change,
                 own_portids=[self.committer.portid],
                 after_batch=self._flush,
+                expect_helpers=sync.expect_helpers(),
             )
             await self.transport.start()
             self._register_commands()
             await self.control.start()
             await self.kernel.start()
             self._tasks.append(loop.create_task(self._timer(), name="ctsync-timer"))
+            await self._start_failover()
             interval = sdnotify.watchdog_interval()
             if interval:
                 self._tasks.append(loop.create_task(self._watchdog(interval / 2)))
@@ -145,10 +168,7 @@ class Agent:
                 ", ".join(ch.interface for ch in sync.channels()),
             )
             if sync.expect_sync:
-                log.warning(
-                    "expect-sync is set but expectation sync is not implemented yet: "
-                    "expectations (FTP/SIP data channels) are not synced"
-                )
+                log.info("expectation sync on for: %s", ", ".join(sync.expect_sync))
             sdnotify.ready(f"{len(self.internal)} entries")
             await self._stop.wait()
         finally:
@@ -175,7 +195,50 @@ class Agent:
         self.config = new
         log.info("configuration reloaded (log level, filters); other changes need a restart")
 
+    async def _start_failover(self) -> None:
+        """The role source named by ``failover.mechanism``, once the caches are running."""
+        failover = self.config.failover
+        if failover.mechanism == "vrrp":
+            from ctsync.speaker import VrrpSpeaker
+
+            self.speaker = VrrpSpeaker(
+                self.config.vrrp,
+                before_addresses=self.controller.before_addresses,
+                on_group_state=self._on_vrrp_state,
+            )
+            await self.speaker.start()
+        elif failover.notify_fifo is not None:
+            self.fifo = NotifyFifo(failover.notify_fifo, self._on_fifo_line)
+            self.fifo.open()
+
+    def _on_vrrp_state(self, old: str, new: str, reason: str) -> None:
+        # MASTER goes through before_addresses(), which the speaker awaits.
+        if new != Role.MASTER:
+            self.controller.request_role(Role(new), f"VRRP: {reason}")
+
+    def _on_fifo_line(self, line: str) -> None:
+        parsed = parse_fifo_line(line)
+        failover = self.config.failover
+        wanted = (
+            ("GROUP", failover.sync_group)
+            if failover.sync_group
+            else (
+                "INSTANCE",
+                failover.instance,
+            )
+        )
+        if parsed is None or (parsed[0], parsed[1]) != wanted:
+            self.fifo_ignored += 1
+            return
+        self.controller.request_role(parsed[2], f"keepalived {parsed[0]} {parsed[1]}")
+
     async def _shutdown(self) -> None:
+        if self.speaker is not None:
+            # First: the priority-0 advert lets a backup take over within its skew.
+            await self.speaker.stop()
+        if self.fifo is not None:
+            self.fifo.close()
+        await self.controller.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -291,10 +354,14 @@ class Agent:
             stats.created_failed += result.failed
         if destroys:
             targets = []
+            expectations = []
             for key in destroys:
                 if key in internal:
                     continue  # ours: a peer's stale claim never deletes our connection
                 exclude.discard(key)
+                if expect.is_expectation_key(key):
+                    expectations.append(key)
+                    continue
                 try:
                     targets.append(record.decode_key(key))
                 except CtnetlinkError:
@@ -302,6 +369,11 @@ class Agent:
             done, failed = committer.delete_many(targets)
             stats.destroyed += done
             stats.destroyed_failed += failed
+            if expectations:
+                # The kernel drops an expectation itself when its connection arrives:
+                # a delete that finds nothing is not a failure here.
+                done, _missing = committer.delete_expectations(expectations)
+                stats.destroyed += done
         if updates or destroys:
             self._flush()
 
@@ -317,6 +389,7 @@ class Agent:
             "flush": self.cmd_flush,
             "resync": self.cmd_resync,
             "bulk-send": self.cmd_bulk_send,
+            "failover": self.cmd_failover,
         }
         for name, handler in handlers.items():
             self.control.register(name, handler)
@@ -335,18 +408,39 @@ class Agent:
         mechanism: str = failover.mechanism
         if failover.sync_group:
             mechanism += f" [sync-group {failover.sync_group}]"
+        elif failover.instance:
+            mechanism += f" [instance {failover.instance}]"
+        elif failover.mechanism == "vrrp":
+            mechanism += f" [sync-group {self.config.vrrp.sync_group}]"
         expect = self.config.sync.expect_sync
+        controller = self.controller.status()
+        last = controller["transitions"][-1] if controller["transitions"] else None
         return {
             "node_id": self.config.node_id,
             "epoch": self.epoch,
             "sync_interfaces": [ch.interface for ch in self.config.sync.channels()],
             "failover_mechanism": mechanism,
-            "last_transition": None,
-            "state": "n/a",
+            "last_transition": last,
+            "state": controller["state"] or "n/a",
             "expect_sync": ", ".join(expect) if expect else None,
             "peers": [p.__dict__ for p in snap.peers],
             "last_commit": None if snap.last_commit is None else snap.last_commit.__dict__,
+            "failover": controller,
+            "vrrp": None if self.speaker is None else self.speaker.status(),
         }
+
+    async def cmd_failover(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``ctsync failover master|backup|fault`` (primary-backup.sh's job)."""
+        try:
+            role, source = parse_notify([str(a) for a in args.get("args", [])])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        if self.speaker is not None:
+            raise CommandError(
+                'failover.mechanism is "vrrp": ctsync\'s own VRRP speaker decides the role'
+            )
+        transition = await self.controller.set_role(role, source or "ctsync failover")
+        return transition.to_dict()
 
     async def cmd_cache(self, args: dict[str, Any]) -> dict[str, Any]:
         which = args.get("which", "internal")
@@ -355,12 +449,22 @@ class Agent:
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         caches = self._caches(which)
+        table = args.get("table", "ct")
+        if table == "expect":
+            return self._expectations(caches, bool(args.get("count")))
+        if table != "ct":
+            raise CommandError(f"unknown table {table!r}: ct or expect")
         if args.get("count") and selector.is_empty:
-            return {"count": sum(len(cache) for _, cache in caches), "entries": []}
+            total = sum(len(cache) for _, cache in caches)
+            if self.config.sync.expect_sync:  # a scan: only when there can be any
+                total -= sum(cache.count_expectations() for _, cache in caches)
+            return {"count": total, "entries": []}
         count = 0
         out: list[dict[str, Any]] = []
         for node, cache in caches:
             for key, value in cache.items():
+                if expect.is_expectation_key(key):
+                    continue  # listed with table=expect
                 try:
                     entry = record.to_entry(key, value)
                 except CtnetlinkError:
@@ -370,6 +474,25 @@ class Agent:
                 count += 1
                 if not args.get("count"):
                     item = entry_to_json(entry)
+                    if node is not None:
+                        item["peer"] = node
+                    out.append(item)
+        return {"count": count, "entries": out}
+
+    @staticmethod
+    def _expectations(caches: list[tuple[int | None, Cache]], count_only: bool) -> dict[str, Any]:
+        """The expectation records of the caches (conntrackd -i/-e expect)."""
+        out: list[dict[str, Any]] = []
+        count = 0
+        for node, cache in caches:
+            for key, value in cache.expectation_items():
+                try:
+                    exp = expect.to_expectation(key, value)
+                except CtnetlinkError:
+                    continue
+                count += 1
+                if not count_only:
+                    item = expect.expectation_to_json(exp)
                     if node is not None:
                         item["peer"] = node
                     out.append(item)
@@ -391,6 +514,11 @@ class Agent:
             "failed": result.failed,
             "seconds": result.seconds,
             "errors": dict(result.errors),
+            "expectations": {
+                "attempted": result.expect_attempted,
+                "committed": result.expect_committed,
+                "failed": result.expect_failed,
+            },
         }
 
     async def commit(self) -> CommitResult:
@@ -544,6 +672,69 @@ class Agent:
             peers=peers,
             last_commit=commit,
         )
+
+
+class _Steps:
+    """The failover steps, as the controller runs them, on this agent's parts."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def commit(self) -> dict[str, Any]:
+        result = await self.agent.commit()
+        return {
+            "attempted": result.attempted,
+            "committed": result.committed,
+            "failed": result.failed,
+            "seconds": result.seconds,
+            "errors": dict(result.errors),
+        }
+
+    def adopt(self) -> dict[str, Any]:
+        """disable-external-cache: the peers' entries in our kernel are ours from now on
+        (the next resync reads them into the internal cache and announces them)."""
+        exclude = self.agent.internal.exclude
+        adopted = len(exclude)
+        exclude.clear()
+        return {"adopted": adopted}
+
+    def flush_external(self) -> dict[str, Any]:
+        flushed = sum(peer.external.clear() for peer in self.agent.session.peers.values())
+        self.agent.internal.exclude.clear()
+        return {"flushed": flushed}
+
+    async def resync_kernel(self) -> dict[str, Any]:
+        kernel = self.agent.kernel
+        if kernel is None:
+            raise CommandError("the agent is not running yet")
+        removed = await kernel.reconcile()
+        return {"entries": len(self.agent.internal), "removed": removed}
+
+    def bulk_send(self) -> dict[str, Any]:
+        agent = self.agent
+        agent.session.bulk_send(agent._now())
+        agent._send()
+        return {"entries": len(agent.internal)}
+
+    def request_resync(self) -> dict[str, Any]:
+        agent = self.agent
+        agent.session.request_resync(agent._now())
+        agent._send()
+        return {"peers": sorted(agent.session.peers)}
+
+    async def purge(self, timeout: int) -> dict[str, Any]:
+        """Our own entries (never those peers injected) get ``timeout`` seconds to live."""
+        owned = self.agent.internal.keys()
+        keys = [key for key in owned if not expect.is_expectation_key(key)]
+        result = await asyncio.to_thread(set_timeouts, keys, timeout)
+        log.info(
+            "purge: %d entries set to expire in %ds (%d gone already, %d failed)",
+            result.updated,
+            timeout,
+            result.gone,
+            result.failed,
+        )
+        return {"updated": result.updated, "gone": result.gone, "failed": result.failed}
 
 
 def load_key(config: Config) -> bytes | None:

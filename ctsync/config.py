@@ -563,12 +563,15 @@ class AuthConfig(_Model):
 
 
 class FailoverConfig(_Model):
-    """``[failover]``: what tells this node to become master or backup."""
+    """``[failover]``: what tells this node to become master or backup, and what it does then."""
 
     mechanism: Literal["none", "vrrp", "keepalived"] = "none"
     notify_fifo: OptionalAbsolutePath = None
     sync_group: OptionalName = None
     instance: OptionalName = None
+    # Bounded wait for the commit before the virtual addresses are taken anyway: a node
+    # that forwards with part of the state beats a node that does not forward at all.
+    commit_wait: Annotated[Seconds, Field(ge=0.1, le=3600.0)] = 10.0
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -601,33 +604,143 @@ class FailoverConfig(_Model):
         return self
 
 
-class VrrpInstance(_Model):
-    """``[[vrrp.instance]]``: one VRRP instance of ctsync's own speaker.
+VRRP_V3_MAX_INTERVAL: Final = 40.95  # 12 bits of centiseconds
 
-    A placeholder with the minimal keepalived-compatible set; the VRRP work extends it.
+
+class VrrpInstance(_Model):
+    """``[[vrrp.instance]]``: one VRRP instance of ctsync's own speaker (keepalived names).
+
+    Checks refuse what would make keepalived peers disagree silently (dual master):
+    keepalived rounds a fractional v2 interval, sends only 8 characters of a password,
+    ignores nopreempt with ``state MASTER`` or priority 255, and speaks v2 over IPv4 only.
     """
 
     name: Annotated[str, Strict(), Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     interface: InterfaceName
     virtual_router_id: Annotated[int, Strict(), Field(ge=1, le=255)]
+    version: Literal[2, 3] = 3
     priority: Annotated[int, Strict(), Field(ge=1, le=255)] = 100
     advert_int: Annotated[Seconds, Field(ge=0.01, le=255.0)] = 1.0
-    virtual_address: Annotated[list[VirtualAddress], Field(min_length=1)]
+    virtual_address: Annotated[
+        list[VirtualAddress], Field(min_length=1), AfterValidator(_no_duplicates)
+    ]
+    state: Literal["BACKUP", "MASTER"] = "BACKUP"
+    preempt: Bool = True
+    preempt_delay: Annotated[Seconds, Field(ge=0.0, le=1000.0)] = 0.0
+    auth_pass: OptionalName = None
+    unicast_peer: PeerList = Field(default_factory=list)
+    unicast_src: OptionalAddress = None
+    garp_master_repeat: Annotated[int, Strict(), Field(ge=1, le=255)] = 5
+    garp_master_delay: Annotated[Seconds, Field(ge=0.0, le=3600.0)] = 5.0
+
+    @property
+    def family(self) -> int:
+        """IP version of the instance (4 or 6), that of its virtual addresses."""
+        return ipaddress.ip_interface(self.virtual_address[0]).version
+
+    @property
+    def advert_centiseconds(self) -> int:
+        return round(self.advert_int * 100)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        errors: list[tuple[Loc, str]] = []
+        versions = {ipaddress.ip_interface(a).version for a in self.virtual_address}
+        if len(versions) > 1:
+            errors.append(
+                (("virtual-address",), "mixes IPv4 and IPv6; use one instance per family")
+            )
+        family = self.family
+        if self.version == 2:
+            if family == 6:
+                errors.append((("version",), "VRRPv2 is IPv4 only; use version = 3 for IPv6"))
+            if self.advert_int != int(self.advert_int) or self.advert_int < 1:
+                errors.append(
+                    (
+                        ("advert-int",),
+                        f"VRRPv2 counts whole seconds (1..255); keepalived would round"
+                        f" {self.advert_int} and the peers would disagree",
+                    )
+                )
+        else:
+            cs = self.advert_int * 100
+            if abs(cs - round(cs)) > 1e-6 or self.advert_int > VRRP_V3_MAX_INTERVAL:
+                errors.append(
+                    (
+                        ("advert-int",),
+                        f"VRRPv3 counts centiseconds: 0.01..{VRRP_V3_MAX_INTERVAL} s in steps"
+                        " of 0.01",
+                    )
+                )
+            if self.auth_pass is not None:
+                errors.append((("auth-pass",), "VRRPv3 has no authentication; v2 only"))
+        if self.auth_pass is not None and not 1 <= len(self.auth_pass.encode()) <= 8:
+            errors.append(
+                (
+                    ("auth-pass",),
+                    "must be 1..8 bytes: VRRPv2 carries 8 and keepalived silently truncates"
+                    " longer passwords",
+                )
+            )
+        for index, peer in enumerate(self.unicast_peer):
+            if peer.version != family:
+                errors.append(
+                    (("unicast-peer", index), f"IPv{peer.version} peer on an IPv{family} instance")
+                )
+        if self.unicast_src is not None and self.unicast_src.version != family:
+            errors.append((("unicast-src",), f"not an IPv{family} address"))
+        if self.unicast_src is not None and not self.unicast_peer:
+            errors.append((("unicast-src",), "only applies with unicast-peer"))
+        if self.state == "MASTER" and self.priority != 255:
+            errors.append(
+                (
+                    ("state",),
+                    'keepalived treats "MASTER" below priority 255 as "BACKUP"; use'
+                    " priority = 255 for an address owner or leave state out",
+                )
+            )
+        if (not self.preempt or self.preempt_delay) and (
+            self.state == "MASTER" or self.priority == 255
+        ):
+            key = "preempt" if not self.preempt else "preempt-delay"
+            errors.append(((key,), "keepalived ignores it for an address owner (priority 255)"))
+        if not self.preempt and self.preempt_delay:
+            errors.append((("preempt-delay",), "has no effect with preempt = false"))
+        _fail(errors)
+        return self
 
 
 class VrrpConfig(_Model):
-    """``[vrrp]``: the instances of ctsync's VRRP speaker (``failover.mechanism = "vrrp"``)."""
+    """``[vrrp]``: ctsync's VRRP speaker (``failover.mechanism = "vrrp"``).
 
+    All instances form one sync group: a firewall's connection state has a single role,
+    so its instances (LAN side, WAN side, IPv4, IPv6) change state together.
+    """
+
+    sync_group: Annotated[str, Strict(), Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = (
+        "ctsync"
+    )
     instance: list[VrrpInstance] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> Self:
         errors: list[tuple[Loc, str]] = []
         seen: set[str] = set()
+        routers: dict[tuple[str, int, int], str] = {}
         for index, inst in enumerate(self.instance):
             if inst.name in seen:
                 errors.append((("instance", index, "name"), f"{inst.name!r} is used twice"))
             seen.add(inst.name)
+            router = (inst.interface, inst.virtual_router_id, inst.family)
+            if router in routers:
+                errors.append(
+                    (
+                        ("instance", index, "virtual-router-id"),
+                        f"{inst.virtual_router_id} on {inst.interface} (IPv{inst.family}) is"
+                        f" already used by {routers[router]!r}",
+                    )
+                )
+            routers.setdefault(router, inst.name)
         _fail(errors)
         return self
 

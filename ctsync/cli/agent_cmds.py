@@ -15,8 +15,10 @@ import click
 
 from ctsync.cli.entry import (
     DEFAULT_SOCKET,
+    exit_status,
     format_bulk_send,
     format_commit,
+    format_failover,
     format_flush,
     format_resync,
 )
@@ -53,7 +55,7 @@ def call_agent(socket_path: str, command: str, args: dict[str, Any] | None = Non
 
 
 def register_agent_commands(cli: click.Group, show: click.Group) -> None:
-    for command in (agent_cmd, commit_cmd, flush_cmd, resync_cmd, bulk_send_cmd):
+    for command in (agent_cmd, commit_cmd, flush_cmd, resync_cmd, bulk_send_cmd, failover_cmd):
         cli.add_command(command)
     for command in (show_statistics, show_status, show_cache):
         show.add_command(command)
@@ -128,6 +130,33 @@ def bulk_send_cmd(socket_path: str, as_json: bool) -> None:
     click.echo(_json(result) if as_json else format_bulk_send(result))
 
 
+@click.command("failover", epilog=EPILOG)
+@click.argument("state", nargs=-1, required=True)
+@socket_option
+@json_option
+def failover_cmd(state: tuple[str, ...], socket_path: str, as_json: bool) -> None:
+    """Tell the agent its role: master (or primary), backup, fault or stop.
+
+    A drop-in for conntrackd's primary-backup.sh in keepalived's notify_master /
+    notify_backup / notify_fault; as keepalived's generic ``notify`` it also takes
+    INSTANCE|GROUP NAME STATE PRIORITY. MASTER commits the synced connections, then
+    flushes the external cache, re-reads the kernel and sends everything to the peers;
+    BACKUP asks the master for a full transfer (and, after being master, purges our
+    entries after failover.purge-timeout). Exits 1 if a step failed.
+    """
+    from ctsync.core.failover import parse_notify
+
+    try:
+        parse_notify(list(state))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    result = call_agent(socket_path, "failover", {"args": list(state)})
+    click.echo(_json(result) if as_json else format_failover(result))
+    code = exit_status("failover", result)
+    if code:
+        raise SystemExit(code)
+
+
 @click.command("statistics", epilog=EPILOG)
 @socket_option
 @json_option
@@ -158,11 +187,17 @@ def show_status(socket_path: str, as_json: bool) -> None:
 @click.argument("which", type=click.Choice(["internal", "external"]))
 @selection_options
 @click.option("--count", is_flag=True, help="Print only the number of matching entries.")
+@click.option(
+    "--expect",
+    is_flag=True,
+    help="The synced expectations instead (expect-sync; conntrackd -i/-e expect).",
+)
 @socket_option
 @json_option
 def show_cache(
     *,
     which: str,
+    expect: bool,
     proto: int | None,
     src: IPNetwork | None,
     dst: IPNetwork | None,
@@ -176,15 +211,21 @@ def show_cache(
     as_json: bool,
 ) -> None:
     """Entries of the internal or external cache, in conntrack(8) line format."""
-    from ctsync.cli.render_sync import render_cache_lines
+    from ctsync.cli.render_sync import render_cache_lines, render_expect_lines
 
     selector = build_selector(proto, src, dst, sport, dport, mark, zone, state)
+    if expect and not selector.is_empty:
+        raise click.UsageError("--expect lists every expectation: no filters")
     args = {"which": which, "filter": selector.to_args(), "count": count}
+    if expect:
+        args["table"] = "expect"
     result = call_agent(socket_path, "cache", args)
     if count:
         click.echo(str(result["count"]))
     elif as_json:
         click.echo(_json(result["entries"]))
+    elif expect:
+        click.echo(render_expect_lines(result["entries"]), nl=False)
     else:
         click.echo(render_cache_lines(result["entries"]), nl=False)
 

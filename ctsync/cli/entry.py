@@ -1,8 +1,8 @@
 """The ``ctsync`` console entry point, with a fast path for the agent's hook commands.
 
-``commit``, ``flush``, ``resync`` and ``bulk-send`` run from keepalived notify hooks, on
-the failover's critical path: written plainly (``-S PATH``, ``--json``, their one
-argument), they are served here with the standard library and the control client only,
+``commit``, ``flush``, ``resync``, ``bulk-send`` and ``failover`` run from keepalived
+notify hooks, on the failover's critical path: written plainly (``-S PATH``, ``--json``,
+their arguments), they are served here with the standard library and the control client only,
 without loading click and the rest of the CLI (that start-up is most of a client's time).
 Anything else, including ``--help`` or a typo, goes to the full CLI, which gives the same
 output and exit codes.
@@ -42,9 +42,22 @@ def format_bulk_send(result: dict[str, Any]) -> str:
     return f"{result['entries']} entries queued for sending"
 
 
+def format_failover(result: dict[str, Any]) -> str:
+    if result.get("skipped"):
+        return f"{result['to']}: superseded by a newer request"
+    steps = ", ".join(
+        f"{step['step']} {step['seconds'] or 0:.3f}s" + (" FAILED" if step.get("error") else "")
+        for step in result["steps"]
+    )
+    return f"{result['to']}: {steps or 'nothing to do'}"
+
+
+_HOOKS = ("commit", "flush", "resync", "bulk-send", "failover")
+
+
 def _parse(argv: list[str]) -> tuple[str, str, dict[str, Any], bool] | None:
     """(command, socket, args, as_json) of a plain hook command, else None."""
-    if not argv or argv[0] not in ("commit", "flush", "resync", "bulk-send"):
+    if not argv or argv[0] not in _HOOKS:
         return None
     command, rest = argv[0], argv[1:]
     socket_path = os.environ.get("CTSYNC_SOCKET", DEFAULT_SOCKET)
@@ -65,6 +78,8 @@ def _parse(argv: list[str]) -> tuple[str, str, dict[str, Any], bool] | None:
             args["kernel"] = True
         elif command == "flush" and word in ("internal", "external", "all") and not args:
             args["which"] = word
+        elif command == "failover" and not word.startswith("-"):
+            args.setdefault("args", []).append(word)
         else:
             return None
         i += 1
@@ -72,7 +87,19 @@ def _parse(argv: list[str]) -> tuple[str, str, dict[str, Any], bool] | None:
         args.setdefault("which", "all")
     if command == "resync":
         args.setdefault("kernel", False)
+    if command == "failover" and not _failover_args_ok(args.get("args", [])):
+        return None  # the full CLI explains the usage
     return command, socket_path, args, as_json
+
+
+def _failover_args_ok(words: list[str]) -> bool:
+    from ctsync.core.failover import parse_notify
+
+    try:
+        parse_notify(words)
+    except ValueError:
+        return False
+    return True
 
 
 _FORMATS = {
@@ -80,6 +107,7 @@ _FORMATS = {
     "flush": format_flush,
     "resync": format_resync,
     "bulk-send": format_bulk_send,
+    "failover": format_failover,
 }
 
 
@@ -100,8 +128,19 @@ def run_fast(argv: list[str]) -> int | None:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     print(json.dumps(result, indent=2) if as_json else _FORMATS[command](result))
+    return exit_status(command, result)
+
+
+def exit_status(command: str, result: dict[str, Any]) -> int:
+    """1 when a commit (on its own, or the failover's) failed for any entry."""
     if command == "commit" and result["failed"]:
         return EXIT_FAILURE
+    if command == "failover" and any(step.get("error") for step in result["steps"]):
+        return EXIT_FAILURE
+    if command == "failover":
+        commits = [s for s in result["steps"] if s["step"] == "commit"]
+        if any((s.get("result") or {}).get("failed") for s in commits):
+            return EXIT_FAILURE
     return 0
 
 

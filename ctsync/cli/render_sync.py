@@ -80,12 +80,13 @@ def render_statistics(s: Snapshot) -> str:
 
 
 def render_status(status: dict[str, Any]) -> str:
-    """VyOS ``show conntrack-sync status`` lines, plus peers and the last failover steps."""
+    """VyOS ``show conntrack-sync status`` lines, plus peers, VRRP and the failover steps."""
+    last = status.get("last_transition")
     lines = [
         "",
         f"sync-interface        : {', '.join(status['sync_interfaces'])}",
         f"failover-mechanism    : {status['failover_mechanism']}",
-        f"last state transition : {status.get('last_transition') or 'no transition yet!'}",
+        f"last state transition : {_transition_line(last) if last else 'no transition yet!'}",
         f"ExpectationSync       : {status.get('expect_sync') or 'disabled'}",
         f"node-id               : {status['node_id']}",
         f"state                 : {status.get('state', 'n/a')}",
@@ -104,13 +105,72 @@ def render_status(status: dict[str, Any]) -> str:
             f"last commit           : {commit['committed']} committed, {commit['failed']} failed "
             f"in {commit['seconds']:.3f}s"
         )
+    vrrp = status.get("vrrp")
+    if vrrp:
+        lines.append(f"vrrp sync-group       : {vrrp.get('group')} {vrrp.get('state')}")
+        for inst in vrrp.get("instances", []):
+            master = inst.get("master") or "-"
+            lines.append(
+                f"vrrp {inst['name']:<16} : {inst['state']}, priority {inst['priority']},"
+                f" master {master}"
+            )
+    transitions = (status.get("failover") or {}).get("transitions") or []
+    if transitions:
+        lines.append("")
+        lines.append("Failover transitions (oldest first):")
+        for item in transitions:
+            lines.append(f"  {_transition_line(item)}")
+            for step in item.get("steps", []):
+                took = step.get("seconds")
+                took_text = "running" if took is None else f"{took:.3f}s"
+                error = f"  ERROR {step['error']}" if step.get("error") else ""
+                lines.append(f"      {step['step']:<15} {took_text}{error}")
     return "\n".join(lines) + "\n"
+
+
+def _transition_line(item: dict[str, Any]) -> str:
+    import time
+
+    when = time.strftime("%a %d %b %Y %I:%M:%S %p %Z", time.localtime(item["at"]))
+    text = f"{item['to']} at {when}"
+    if item.get("from"):
+        text += f" (from {item['from']}"
+        text += f", {item['reason']})" if item.get("reason") else ")"
+    elif item.get("reason"):
+        text += f" ({item['reason']})"
+    if item.get("done") is not None:
+        text += f", done in {item['done'] - item['at']:.3f}s"
+    elif not item.get("skipped"):
+        text += ", in progress"
+    if item.get("skipped"):
+        text += ", superseded"
+    return text
 
 
 def render_cache_lines(items: Sequence[dict[str, Any]]) -> str:
     """Cache entries (as ``entry_to_json`` gives them) in conntrack(8) line format; the
     benchmark harness's ext-dump reads these ``src= dst= sport= dport= ... mark=`` lines."""
     return "".join(conntrack_line(item) + "\n" for item in items)
+
+
+def render_expect_lines(items: Sequence[dict[str, Any]]) -> str:
+    """Expectations as ``conntrack -L expect`` prints them (timeout first)."""
+    out = []
+    for item in items:
+        t, m = item["tuple"], item["master"]
+        text = f"{item.get('timeout', 0)} proto={item['protocol_number']}"
+        text += f" src={t['src']} dst={t['dst']}"
+        if "sport" in t:
+            text += f" sport={t['sport']} dport={t['dport']}"
+        text += f" master-src={m['src']} master-dst={m['dst']}"
+        if "sport" in m:
+            text += f" sport={m['sport']} dport={m['dport']}"
+        if item.get("helper"):
+            text += f" helper={item['helper']}"
+        if "peer" in item:
+            text += f" peer={item['peer']}"
+        out.append(text + "\n")
+    return "".join(out)
 
 
 def conntrack_line(item: dict[str, Any]) -> str:

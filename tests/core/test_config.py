@@ -148,7 +148,13 @@ def test_full_config() -> None:
         virtual-router-id = 51
         priority = 150
         advert-int = 0.5
-        virtual-address = ["203.0.113.1/24", "2001:db8:1::1"]
+        virtual-address = ["203.0.113.1/24", "203.0.113.2"]
+        [[vrrp.instance]]
+        name = "VI_6"
+        interface = "eth0"
+        virtual-router-id = 51
+        virtual-address = ["2001:db8:1::1/64"]
+        unicast-peer = ["2001:db8:1::3"]
         [control]
         socket = "/run/ctsync/other.sock"
         [metrics]
@@ -171,7 +177,9 @@ def test_full_config() -> None:
         ),
         cfg.SyncChannel("eth2", 3781, IPv4Address("225.0.0.51"), (), None),
     )
-    assert config.vrrp.instance[0].virtual_address == ["203.0.113.1/24", "2001:db8:1::1"]
+    assert config.vrrp.instance[0].virtual_address == ["203.0.113.1/24", "203.0.113.2"]
+    assert [i.family for i in config.vrrp.instance] == [4, 6]
+    assert config.vrrp.instance[0].advert_centiseconds == 50
     assert config.metrics.endpoint() == ("::1", 9724)
     assert config.log.format == "json"
 
@@ -443,7 +451,7 @@ def test_failover_rules() -> None:
     )
 
 
-def test_vrrp_instance_placeholder() -> None:
+def test_vrrp_instance() -> None:
     vrrp = '[failover]\nmechanism = "vrrp"\n'
     good = (
         '[[vrrp.instance]]\nname = "VI_1"\ninterface = "eth0"\nvirtual-router-id = 51\n'
@@ -467,7 +475,47 @@ def test_vrrp_instance_placeholder() -> None:
         "vrrp.instance[1].virtual-address",
     }
     errors = errors_of(with_sync("", vrrp + good + good))
-    assert errors == {"vrrp.instance[1].name": "'VI_1' is used twice"}
+    assert errors == {
+        "vrrp.instance[1].name": "'VI_1' is used twice",
+        "vrrp.instance[1].virtual-router-id": "51 on eth0 (IPv4) is already used by 'VI_1'",
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "message"),
+    [
+        ("version = 2\nadvert-int = 0.5\n", "advert-int", "VRRPv2 counts whole seconds"),
+        ('version = 2\nauth-pass = "123456789"\n', "auth-pass", "must be 1..8 bytes"),
+        ('auth-pass = "secret"\n', "auth-pass", "VRRPv3 has no authentication"),
+        ("advert-int = 0.015\n", "advert-int", "VRRPv3 counts centiseconds"),
+        ("advert-int = 41.0\n", "advert-int", "VRRPv3 counts centiseconds"),
+        ('state = "MASTER"\n', "state", 'keepalived treats "MASTER" below priority 255'),
+        ("priority = 255\npreempt = false\n", "preempt", "keepalived ignores it"),
+        ("preempt = false\npreempt-delay = 2.0\n", "preempt-delay", "no effect"),
+        ('unicast-peer = ["2001:db8::2"]\n', "unicast-peer[0]", "IPv6 peer on an IPv4"),
+        ('unicast-src = "192.0.2.9"\n', "unicast-src", "only applies with unicast-peer"),
+    ],
+)
+def test_vrrp_instance_refuses_what_keepalived_peers_would_disagree_on(
+    extra: str, key: str, message: str
+) -> None:
+    text = (
+        '[failover]\nmechanism = "vrrp"\n[[vrrp.instance]]\nname = "VI_1"\n'
+        'interface = "eth0"\nvirtual-router-id = 51\nvirtual-address = ["192.0.2.100/24"]\n'
+    )
+    errors = errors_of(with_sync("", text + extra))
+    assert message in errors[f"vrrp.instance[0].{key}"], errors
+
+
+def test_vrrp_v2_over_ipv6_and_mixed_families_are_refused() -> None:
+    text = (
+        '[failover]\nmechanism = "vrrp"\n[[vrrp.instance]]\nname = "VI_1"\n'
+        'interface = "eth0"\nvirtual-router-id = 51\nversion = 2\n'
+        'virtual-address = ["2001:db8::1", "192.0.2.1"]\n'
+    )
+    errors = errors_of(with_sync("", text))
+    assert "mixes IPv4 and IPv6" in errors["vrrp.instance[0].virtual-address"]
+    assert "VRRPv2 is IPv4 only" in errors["vrrp.instance[0].version"]
 
 
 def test_toml_syntax_error_reports_line_and_column(tmp_path: Path) -> None:
