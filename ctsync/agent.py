@@ -48,7 +48,7 @@ from ctsync.io.timeouts import set_timeouts
 from ctsync.io.transport import LinkConfig, Transport
 
 if TYPE_CHECKING:
-    from ctsync.speaker import VrrpSpeaker
+    from ctsync.speaker import SpeakerThread
 
 log = logging.getLogger("ctsync.agent")
 
@@ -125,7 +125,7 @@ class Agent:
             purge_timeout=config.sync.purge_timeout,
             commit_wait=failover.commit_wait,
         )
-        self.speaker: VrrpSpeaker | None = None
+        self.speaker: SpeakerThread | None = None
         self.fifo: NotifyFifo | None = None
         self.fifo_ignored = 0
 
@@ -199,12 +199,13 @@ class Agent:
         """The role source named by ``failover.mechanism``, once the caches are running."""
         failover = self.config.failover
         if failover.mechanism == "vrrp":
-            from ctsync.speaker import VrrpSpeaker
+            from ctsync.speaker import SpeakerThread
 
-            self.speaker = VrrpSpeaker(
+            self.speaker = SpeakerThread(
                 self.config.vrrp,
                 before_addresses=self.controller.before_addresses,
                 on_group_state=self._on_vrrp_state,
+                on_addresses=self.controller.addresses_done,
             )
             await self.speaker.start()
         elif failover.notify_fifo is not None:
@@ -426,7 +427,7 @@ class Agent:
             "peers": [p.__dict__ for p in snap.peers],
             "last_commit": None if snap.last_commit is None else snap.last_commit.__dict__,
             "failover": controller,
-            "vrrp": None if self.speaker is None else self.speaker.status(),
+            "vrrp": None if self.speaker is None else await self.speaker.status(),
         }
 
     async def cmd_failover(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -521,7 +522,9 @@ class Agent:
             },
         }
 
-    async def commit(self) -> CommitResult:
+    async def commit(self, reconcile: bool = True) -> CommitResult:
+        """Every peer's external cache into the kernel; ``reconcile=False`` when the
+        caller re-reads the kernel itself right after (the failover plan)."""
         pool, kernel = self.pool, self.kernel
         if pool is None or kernel is None:
             raise CommandError("the agent is not running yet")
@@ -531,7 +534,7 @@ class Agent:
                 records.update(peer.external.items())
             log.info("committing %d entries from the external caches", len(records))
             timeout = self.config.sync.commit_timeout_override
-            with kernel.events_paused():
+            with kernel.events_paused(reconcile):
                 items = list(records.items())
                 result = await asyncio.to_thread(pool.commit_records, items, timeout)
             self.last_commit = CommitStats(
@@ -681,7 +684,7 @@ class _Steps:
         self.agent = agent
 
     async def commit(self) -> dict[str, Any]:
-        result = await self.agent.commit()
+        result = await self.agent.commit(reconcile=False)  # the plan's resync step follows
         return {
             "attempted": result.attempted,
             "committed": result.committed,
@@ -707,7 +710,10 @@ class _Steps:
         kernel = self.agent.kernel
         if kernel is None:
             raise CommandError("the agent is not running yet")
-        removed = await kernel.reconcile()
+        # After a commit that outlived commit-wait: read the kernel once it is done (its
+        # events were paused, and it does not reconcile by itself here).
+        async with self.agent._commit_lock:
+            removed = await kernel.reconcile()
         return {"entries": len(self.agent.internal), "removed": removed}
 
     def bulk_send(self) -> dict[str, Any]:

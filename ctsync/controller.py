@@ -25,6 +25,7 @@ from ctsync.core.failover import Role, Step, plan
 log = logging.getLogger("ctsync.failover")
 
 HISTORY = 10
+ADDRESSES_WAIT = 5.0  # seconds; adding addresses and sending GARPs takes milliseconds
 
 
 class Operations(Protocol):
@@ -89,6 +90,7 @@ class FailoverController:
         self._lock = asyncio.Lock()
         self._latest = 0  # number of the newest request; older waiting ones are skipped
         self._pending_post: asyncio.Task[None] | None = None
+        self._addresses_done = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- entry points ---------------------------------------------------------------------
@@ -129,7 +131,12 @@ class FailoverController:
             self._lock.release()
             raise
         # The lock stays held until the post-address steps are done.
+        self._addresses_done.clear()
         self._pending_post = asyncio.get_running_loop().create_task(self._post(transition, ticket))
+
+    def addresses_done(self, added: bool) -> None:
+        """The speaker added and announced the addresses (or, no longer master, did not)."""
+        self._addresses_done.set()
 
     async def close(self) -> None:
         tasks = list(self._tasks)
@@ -167,17 +174,17 @@ class FailoverController:
 
     async def _post(self, transition: Transition, ticket: int) -> None:
         try:
-            # The speaker adds its addresses right after before_addresses() returns.
-            started = time.time()
-            await asyncio.sleep(0)
+            # The speaker adds its addresses once before_addresses() has returned.
+            record = StepRecord(Step.ADDRESSES.value, time.time())
+            transition.steps.append(record)
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(self._addresses_done.wait(), ADDRESSES_WAIT)
+            except TimeoutError:
+                record.error = f"the speaker did not report within {ADDRESSES_WAIT:.0f}s"
+            record.seconds = time.monotonic() - started
             planned = transition.planned
-            if Step.ADDRESSES in planned:
-                transition.steps.append(
-                    StepRecord(Step.ADDRESSES.value, started, time.time() - started)
-                )
-                rest = planned[planned.index(Step.ADDRESSES) + 1 :]
-            else:
-                rest = []
+            rest = planned[planned.index(Step.ADDRESSES) + 1 :]
             for step in rest:
                 if ticket != self._latest:
                     break  # a newer role is waiting: leaving MASTER again

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import ipaddress
 import logging
+import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -72,7 +74,7 @@ log = logging.getLogger("ctsync.vrrp")
 _TRANSITIONS_KEPT = 10
 
 
-class SpeakerError(Exception):
+class SpeakerError(OSError):
     """The speaker cannot start (interface, address or socket problem); says which."""
 
 
@@ -112,7 +114,7 @@ class _Instance:
 # Address work queued for the worker; ``generation`` is the group transition it belongs to.
 @dataclass(frozen=True)
 class _Work:
-    kind: str  # "before" | "add" | "remove" | "announce"
+    kind: str  # "before" | "add" | "remove" | "announce" | "added"
     instance: str | None
     generation: int
 
@@ -126,12 +128,16 @@ class VrrpSpeaker:
         *,
         before_addresses: Callable[[], Awaitable[None]],
         on_group_state: Callable[[State, State, str], None],
+        on_addresses: Callable[[bool], None] | None = None,
     ) -> None:
         if not config.instance:
             raise SpeakerError("no [[vrrp.instance]] configured")
         self.config = config
         self.before_addresses = before_addresses
         self.on_group_state = on_group_state
+        # Called once the addresses of a MASTER transition are added and announced (True),
+        # or were not added because the group left MASTER meanwhile (False).
+        self.on_addresses = on_addresses
         self.group: SyncGroup | None = None
         self.instances: dict[str, _Instance] = {}
         self.channels: dict[ChannelKey, VrrpChannel] = {}
@@ -380,6 +386,8 @@ class VrrpSpeaker:
                 self._do(action)
             except Exception:
                 log.exception("VRRP action %r failed", action)
+        if any(isinstance(a, GroupState) and a.new == State.MASTER for a in actions):
+            self._queue("added", None)  # after this transition's adds and announces
 
     def _do(self, action: Any) -> None:
         if isinstance(action, SendAdvert):
@@ -469,6 +477,10 @@ class VrrpSpeaker:
                     # The addresses are taken anyway: forwarding with part of the state
                     # beats not forwarding.
                     log.exception("VRRP: before_addresses failed; adding the addresses anyway")
+            return
+        if work.kind == "added":
+            if self.on_addresses is not None:
+                self.on_addresses(current)
             return
         assert work.instance is not None
         inst = self.instances[work.instance]
@@ -567,3 +579,104 @@ def _instance_view(view: InstanceStatus | None, inst: _Instance) -> dict[str, An
         "link_up": view.link_up,
         "reason": view.reason,
     }
+
+
+class SpeakerThread:
+    """A :class:`VrrpSpeaker` on an event loop and thread of its own.
+
+    VRRP timing must not wait for the agent's loop: a reconcile dump, a burst of events or
+    a commit can keep it busy for longer than Master_Down (0.36 s at 100 ms adverts), and a
+    backup that reads its adverts late takes over from a live master (keepalived runs VRRP
+    in a process of its own for the same reason). The callbacks run on the agent's loop,
+    in the order the speaker makes them.
+    """
+
+    def __init__(
+        self,
+        config: VrrpConfig,
+        *,
+        before_addresses: Callable[[], Coroutine[Any, Any, None]],
+        on_group_state: Callable[[State, State, str], None],
+        on_addresses: Callable[[bool], None],
+    ) -> None:
+        self.config = config
+        self._before_addresses = before_addresses
+        self._on_group_state = on_group_state
+        self._on_addresses = on_addresses
+        self.speaker: VrrpSpeaker | None = None
+        self._agent_loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    async def start(self) -> None:
+        """Start the thread and the speaker in it; raises what ``VrrpSpeaker.start`` does."""
+        self._agent_loop = asyncio.get_running_loop()
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._main, args=(started,), name="ctsync-vrrp", daemon=True
+        )
+        self._thread.start()
+        await asyncio.wrap_future(started)
+
+    def _main(self, started: concurrent.futures.Future[None]) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        speaker = VrrpSpeaker(
+            self.config,
+            before_addresses=self._before,
+            on_group_state=self._state,
+            on_addresses=self._addresses,
+        )
+        try:
+            loop.run_until_complete(speaker.start())
+        except BaseException as exc:
+            started.set_exception(exc)
+            loop.close()
+            return
+        self.speaker = speaker
+        started.set_result(None)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    # The speaker's callbacks (its thread) -> the agent's loop.
+
+    async def _before(self) -> None:
+        assert self._agent_loop is not None
+        future = asyncio.run_coroutine_threadsafe(self._before_addresses(), self._agent_loop)
+        await asyncio.wrap_future(future)
+
+    def _state(self, old: State, new: State, reason: str) -> None:
+        assert self._agent_loop is not None
+        self._agent_loop.call_soon_threadsafe(self._on_group_state, old, new, reason)
+
+    def _addresses(self, added: bool) -> None:
+        assert self._agent_loop is not None
+        self._agent_loop.call_soon_threadsafe(self._on_addresses, added)
+
+    # The agent's calls -> the speaker's loop.
+
+    async def stop(self) -> None:
+        """Graceful stop (priority-0 adverts, addresses removed), then end the thread."""
+        loop, speaker, thread = self._loop, self.speaker, self._thread
+        if loop is None or speaker is None or thread is None:
+            return
+        try:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(speaker.stop(), loop))
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            await asyncio.to_thread(thread.join, 10.0)
+            self.speaker = None
+
+    async def status(self) -> dict[str, Any]:
+        loop, speaker = self._loop, self.speaker
+        if loop is None or speaker is None:  # starting or stopped
+            return {"sync_group": self.config.sync_group, "state": str(State.INIT)}
+
+        async def read() -> dict[str, Any]:
+            return speaker.status()
+
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(read(), loop))

@@ -107,7 +107,7 @@ def render_status(status: dict[str, Any]) -> str:
         )
     vrrp = status.get("vrrp")
     if vrrp:
-        lines.append(f"vrrp sync-group       : {vrrp.get('group')} {vrrp.get('state')}")
+        lines.append(f"vrrp sync-group       : {vrrp.get('sync_group')} {vrrp.get('state')}")
         for inst in vrrp.get("instances", []):
             master = inst.get("master") or "-"
             lines.append(

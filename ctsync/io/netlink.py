@@ -614,13 +614,15 @@ class KernelTable:
         return self._sock.fileno()
 
     @contextlib.contextmanager
-    def events_paused(self) -> Iterator[None]:
+    def events_paused(self, reconcile: bool = True) -> Iterator[None]:
         """Leave the event groups while we write the table ourselves, then reconcile.
 
         With a listener subscribed the kernel builds an event for every entry we commit,
         inside our own send() (about 5 us each: more than the insert itself), only for us
         to discard it as our own. Events from traffic in that window are not lost: the
-        reconcile that follows dumps the table, as primary-backup.sh's resync does.
+        reconcile that follows dumps the table, as primary-backup.sh's resync does. A
+        caller that reconciles itself right after (the failover plan) says
+        ``reconcile=False``, so that the table is not dumped twice on the critical path.
         """
         groups = [g for g in range(1, 7) if self._groups & (1 << (g - 1))]
         for group in groups:
@@ -631,7 +633,8 @@ class KernelTable:
             for group in groups:
                 self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
             self.read_events()
-            self.schedule_reconcile()
+            if reconcile:
+                self.schedule_reconcile()
 
     def close(self) -> None:
         if self._loop is not None:

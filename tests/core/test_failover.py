@@ -240,7 +240,10 @@ def test_speaker_split_commits_before_the_addresses() -> None:
         ctl = controller(steps, mechanism="vrrp", speaker=True)
         await ctl.before_addresses("VRRP")
         assert steps.calls == ["commit-start", "commit"]
-        steps.calls.append("ADDRESSES")  # what the speaker does next, without yielding
+        await asyncio.sleep(0.01)
+        assert steps.calls == ["commit-start", "commit"]  # waits for the addresses
+        steps.calls.append("ADDRESSES")  # what the speaker does next
+        ctl.addresses_done(True)
         await asyncio.sleep(0.01)
         assert steps.calls == [
             "commit-start",
@@ -327,7 +330,7 @@ def test_status_text_shows_transitions_and_steps() -> None:
             "state": "MASTER",
             "failover": {"transitions": [transition]},
             "vrrp": {
-                "group": "ctsync",
+                "sync_group": "ctsync",
                 "state": "MASTER",
                 "instances": [
                     {"name": "lan", "state": "MASTER", "priority": 150, "master": "192.0.2.1"}
