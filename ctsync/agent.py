@@ -213,21 +213,17 @@ class Agent:
             self.fifo.open()
 
     def _on_vrrp_state(self, old: str, new: str, reason: str) -> None:
-        # MASTER goes through before_addresses(), which the speaker awaits.
-        if new != Role.MASTER:
+        # MASTER goes through before_addresses(), which the speaker awaits; INIT is no role.
+        if new != Role.MASTER and new in Role.__members__:
             self.controller.request_role(Role(new), f"VRRP: {reason}")
 
     def _on_fifo_line(self, line: str) -> None:
         parsed = parse_fifo_line(line)
         failover = self.config.failover
-        wanted = (
-            ("GROUP", failover.sync_group)
-            if failover.sync_group
-            else (
-                "INSTANCE",
-                failover.instance,
-            )
-        )
+        if failover.sync_group:
+            wanted = ("GROUP", failover.sync_group)
+        else:
+            wanted = ("INSTANCE", str(failover.instance))
         if parsed is None or (parsed[0], parsed[1]) != wanted:
             self.fifo_ignored += 1
             return
@@ -508,19 +504,7 @@ class Agent:
 
     async def cmd_commit(self, args: dict[str, Any]) -> dict[str, Any]:
         """conntrackd -c: every peer's external cache into the kernel, NAT included."""
-        result = await self.commit()
-        return {
-            "attempted": result.attempted,
-            "committed": result.committed,
-            "failed": result.failed,
-            "seconds": result.seconds,
-            "errors": dict(result.errors),
-            "expectations": {
-                "attempted": result.expect_attempted,
-                "committed": result.expect_committed,
-                "failed": result.expect_failed,
-            },
-        }
+        return commit_report(await self.commit())
 
     async def commit(self, reconcile: bool = True) -> CommitResult:
         """Every peer's external cache into the kernel; ``reconcile=False`` when the
@@ -677,6 +661,22 @@ class Agent:
         )
 
 
+def commit_report(result: CommitResult) -> dict[str, Any]:
+    """A commit's result as ``ctsync commit`` and the failover status show it."""
+    return {
+        "attempted": result.attempted,
+        "committed": result.committed,
+        "failed": result.failed,
+        "seconds": result.seconds,
+        "errors": dict(result.errors),
+        "expectations": {
+            "attempted": result.expect_attempted,
+            "committed": result.expect_committed,
+            "failed": result.expect_failed,
+        },
+    }
+
+
 class _Steps:
     """The failover steps, as the controller runs them, on this agent's parts."""
 
@@ -684,14 +684,8 @@ class _Steps:
         self.agent = agent
 
     async def commit(self) -> dict[str, Any]:
-        result = await self.agent.commit(reconcile=False)  # the plan's resync step follows
-        return {
-            "attempted": result.attempted,
-            "committed": result.committed,
-            "failed": result.failed,
-            "seconds": result.seconds,
-            "errors": dict(result.errors),
-        }
+        # reconcile=False: the plan's resync step follows.
+        return commit_report(await self.agent.commit(reconcile=False))
 
     def adopt(self) -> dict[str, Any]:
         """disable-external-cache: the peers' entries in our kernel are ours from now on

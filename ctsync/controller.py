@@ -89,6 +89,7 @@ class FailoverController:
         self.transitions: deque[Transition] = deque(maxlen=HISTORY)
         self._lock = asyncio.Lock()
         self._latest = 0  # number of the newest request; older waiting ones are skipped
+        self._wanted: Role | None = None  # the role of the newest request
         self._pending_post: asyncio.Task[None] | None = None
         self._addresses_done = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -98,6 +99,7 @@ class FailoverController:
     async def set_role(self, role: Role, reason: str) -> Transition:
         """Move to ``role``: run its plan to the end (also the part after the addresses)."""
         self._latest += 1
+        self._wanted = role
         ticket = self._latest
         transition = Transition(time.time(), None, role.value, reason)
         async with self._lock:
@@ -122,7 +124,7 @@ class FailoverController:
         steps after it run once the speaker has had the loop to add the addresses.
         """
         self._latest += 1
-        ticket = self._latest
+        self._wanted = Role.MASTER
         transition = Transition(time.time(), None, Role.MASTER.value, reason)
         await self._lock.acquire()
         try:
@@ -130,9 +132,12 @@ class FailoverController:
         except BaseException:
             self._lock.release()
             raise
+        if Step.ADDRESSES not in transition.planned:
+            self._lock.release()  # already MASTER (a BACKUP request not run yet): no steps
+            return
         # The lock stays held until the post-address steps are done.
         self._addresses_done.clear()
-        self._pending_post = asyncio.get_running_loop().create_task(self._post(transition, ticket))
+        self._pending_post = asyncio.get_running_loop().create_task(self._post(transition))
 
     def addresses_done(self, added: bool) -> None:
         """The speaker added and announced the addresses (or, no longer master, did not)."""
@@ -172,7 +177,7 @@ class FailoverController:
             await self._step(transition, step)
         self._finish(transition)
 
-    async def _post(self, transition: Transition, ticket: int) -> None:
+    async def _post(self, transition: Transition) -> None:
         try:
             # The speaker adds its addresses once before_addresses() has returned.
             record = StepRecord(Step.ADDRESSES.value, time.time())
@@ -186,8 +191,8 @@ class FailoverController:
             planned = transition.planned
             rest = planned[planned.index(Step.ADDRESSES) + 1 :]
             for step in rest:
-                if ticket != self._latest:
-                    break  # a newer role is waiting: leaving MASTER again
+                if self._wanted is not Role.MASTER:
+                    break  # leaving MASTER again: the newer request takes over
                 await self._step(transition, step)
             self._finish(transition)
         finally:

@@ -342,3 +342,50 @@ def test_status_text_shows_transitions_and_steps() -> None:
     assert "(from BACKUP, VRRP: master down), done in 0.500s" in text
     assert "commit          0.300s" in text
     assert "vrrp lan              : MASTER, priority 150, master 192.0.2.1" in text
+
+
+def test_speaker_master_again_before_backup_ran_is_a_no_op() -> None:
+    """MASTER -> BACKUP -> MASTER in the speaker while the first MASTER plan still waits
+    for its addresses: the queued BACKUP is superseded, the first plan runs to its end
+    (MASTER is still what is wanted) and the second MASTER has nothing to do."""
+
+    async def main() -> None:
+        steps = FakeSteps()
+        ctl = controller(steps, mechanism="vrrp", speaker=True)
+        await ctl.before_addresses("VRRP")  # the lock stays held until the addresses
+        backup = asyncio.create_task(ctl.set_role(B, "VRRP"))
+        again = asyncio.create_task(ctl.before_addresses("VRRP"))
+        await asyncio.sleep(0.01)
+        ctl.addresses_done(True)
+        assert (await backup).skipped
+        await again
+        assert steps.calls == [
+            "commit-start",
+            "commit",
+            "flush-external",
+            "resync",
+            "bulk-send",
+        ]
+        assert ctl.role is M
+        await ctl.set_role(B, "VRRP")  # and the lock is free again
+        assert steps.calls[-2:] == ["request-resync", "purge 60"]
+
+    asyncio.run(main())
+
+
+def test_leaving_master_while_the_addresses_are_added_skips_the_rest() -> None:
+    async def main() -> None:
+        steps = FakeSteps()
+        ctl = controller(steps, mechanism="vrrp", speaker=True)
+        await ctl.before_addresses("VRRP")
+        backup = asyncio.create_task(ctl.set_role(B, "VRRP: higher priority"))
+        await asyncio.sleep(0.01)
+        ctl.addresses_done(False)
+        transition = await backup
+        assert not transition.skipped
+        assert steps.calls == ["commit-start", "commit", "request-resync", "purge 60"]
+        master = ctl.transitions[0]
+        assert [s.step for s in master.steps] == ["commit", "addresses"]
+        assert master.done is not None
+
+    asyncio.run(main())
