@@ -42,6 +42,7 @@ from ctsync.core.wire import Authenticator
 from ctsync.io import sdnotify
 from ctsync.io.commit_pool import CommitPool
 from ctsync.io.control import CommandError, ControlServer
+from ctsync.io.metrics import MetricsInput, MetricsServer
 from ctsync.io.netlink import CommitResult, Committer, KernelTable
 from ctsync.io.notify_fifo import NotifyFifo
 from ctsync.io.timeouts import set_timeouts
@@ -128,6 +129,7 @@ class Agent:
         self.speaker: SpeakerThread | None = None
         self.fifo: NotifyFifo | None = None
         self.fifo_ignored = 0
+        self.metrics: MetricsServer | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -153,6 +155,10 @@ class Agent:
             await self.transport.start()
             self._register_commands()
             await self.control.start()
+            endpoint = self.config.metrics.endpoint()
+            if endpoint is not None:
+                self.metrics = MetricsServer(*endpoint, self.metrics_input)
+                await self.metrics.start()
             await self.kernel.start()
             self._tasks.append(loop.create_task(self._timer(), name="ctsync-timer"))
             await self._start_failover()
@@ -235,6 +241,8 @@ class Agent:
             await self.speaker.stop()
         if self.fifo is not None:
             self.fifo.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         await self.controller.close()
         for task in self._tasks:
             task.cancel()
@@ -530,6 +538,8 @@ class Agent:
                 dict(result.errors),
             )
             self._last_commit_at = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.observe_commit(self.last_commit)
             log.info(
                 "commit done: %d committed, %d failed in %.3fs%s",
                 result.committed,
@@ -577,6 +587,18 @@ class Agent:
         return {"entries": len(self.internal)}
 
     # --- statistics ---------------------------------------------------------------------
+
+    async def metrics_input(self) -> MetricsInput:
+        """What a Prometheus scrape reads, taken on this loop in one go."""
+        controller = self.controller.status()
+        transitions = controller["transitions"]
+        return MetricsInput(
+            self.snapshot(),
+            failover_role=controller["state"],
+            failover_transitions=dict(self.controller.transition_counts),
+            last_transition=transitions[-1] if transitions else None,
+            vrrp=None if self.speaker is None else await self.speaker.status(),
+        )
 
     def snapshot(self) -> Snapshot:
         now = self._now()

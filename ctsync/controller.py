@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -87,6 +87,7 @@ class FailoverController:
         self.commit_wait = commit_wait
         self.role: Role | None = None
         self.transitions: deque[Transition] = deque(maxlen=HISTORY)
+        self.transition_counts: Counter[str] = Counter()  # by new role, for the metrics
         self._lock = asyncio.Lock()
         self._latest = 0  # number of the newest request; older waiting ones are skipped
         self._wanted: Role | None = None  # the role of the newest request
@@ -160,6 +161,7 @@ class FailoverController:
             old, role, speaker=self.speaker, inject=self.inject, purge=self.purge_timeout > 0
         )
         self.transitions.append(transition)
+        self.transition_counts[role.value] += 1
         self.role = role
         log.info(
             "failover: %s -> %s (%s): %s",

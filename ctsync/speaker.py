@@ -101,6 +101,7 @@ class _Instance:
     sent: int = 0
     received: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    transitions_total: Counter[str] = field(default_factory=Counter)  # by new state
     transitions: collections.deque[dict[str, Any]] = field(
         default_factory=lambda: collections.deque(maxlen=_TRANSITIONS_KEPT)
     )
@@ -414,6 +415,7 @@ class VrrpSpeaker:
                 log.exception("VRRP group state handler failed")
         elif isinstance(action, InstanceState):
             inst = self.instances[action.instance]
+            inst.transitions_total[str(action.new)] += 1
             inst.transitions.append(
                 {
                     "time": _wallclock(),
@@ -550,6 +552,7 @@ class VrrpSpeaker:
                     "adverts_sent": inst.sent,
                     "adverts_received": inst.received,
                     "rejected": dict(inst.rejected),
+                    "transitions_total": dict(inst.transitions_total),
                     "old_unicast_checksum": inst.old_checksum,
                     "holds_addresses": inst.name in self._holding,
                     "transitions": list(inst.transitions),

@@ -39,6 +39,7 @@ from ctsync.cli.options import (
     selection_options,
 )
 from ctsync.cli.render import render_conntrack_json, render_conntrack_table
+from ctsync.cli.timeline_cmd import timeline_group
 from ctsync.core.entry import Entry
 from ctsync.core.select import IPNetwork
 
@@ -136,6 +137,7 @@ def show_conntrack_table(
 
 
 cli.add_command(config_group)
+cli.add_command(timeline_group)
 register_agent_commands(cli, show)
 
 
