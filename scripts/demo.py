@@ -1,156 +1,265 @@
 #!/usr/bin/env python3
-"""ctsync demo: a NAT firewall in network namespaces, its live conntrack table read by ctsync.
+"""ctsync demo: a firewall pair loses its master under a live TCP stream, and nobody notices.
 
-Builds client -- fw -- server namespaces (documentation addresses only), opens a few TCP
-connections and pings through the firewall (masquerade and a port forward), then shows the
-firewall's table with `ctsync show conntrack table ipv4|ipv6` and one entry as JSON.
-Everything it creates is removed at the end, whatever happens. Needs root.
+With Docker (``make demo`` installs it and starts dockerd when it can): the docker-compose
+cluster of ``docker-compose.yml`` -- client, two firewalls running ctsync with its own VRRP
+speaker, server; the client's traffic forwarded and SNATed by the master, strict TCP
+tracking. Without Docker: the same site in network namespaces (tests/linux helpers).
+
+The demo opens a TCP echo stream (an echo every 50 ms) from the client to the server and
+prints it live; kills the master (SIGKILL: no goodbye); the backup commits the synced
+connections into its kernel, then takes the virtual addresses; the stream carries on on
+the same connection after a fraction of a second. The old master comes back as backup and
+resyncs; the statistics of both nodes are printed (``ctsync show statistics``, the
+``conntrackd -s`` layout); everything is torn down, whatever happens. Needs root.
+
+    python scripts/demo.py [--docker | --netns]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
-import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CTSYNC = [sys.executable, "-m", "ctsync"]
-SUFFIX = secrets.token_hex(3)
-CLIENT, FW, SERVER = (f"ctsd{SUFFIX}{role}" for role in ("c", "f", "s"))
-
-FW_RULESET = """
-table inet demo {
-    chain forward {
-        type filter hook forward priority 0; policy accept;
-        ct state invalid drop
-        ct state established,related accept
-    }
-    chain prerouting {
-        type nat hook prerouting priority -100;
-        ip daddr 203.0.113.10 tcp dport 80 dnat ip to 198.51.100.2:8080
-    }
-    chain postrouting {
-        type nat hook postrouting priority 100;
-        oifname "fw-s" masquerade
-    }
-}
-"""
-
-SERVER_PROGRAM = """
-import socket, threading
-def serve(family, addr, port):
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((addr, port)); s.listen(64)
-    while True:
-        c, _ = s.accept()
-        echo = lambda c=c: [c.sendall(d) for d in iter(lambda: c.recv(4096), b"")]
-        threading.Thread(target=echo, daemon=True).start()
-for fam, addr in ((socket.AF_INET, "198.51.100.2"), (socket.AF_INET6, "2001:db8:2::2")):
-    for port in (8080, 5001):
-        threading.Thread(target=serve, args=(fam, addr, port), daemon=True).start()
-print("READY", flush=True)
-threading.Event().wait()
-"""
-
-CLIENT_PROGRAM = """
-import socket, sys, time
-conns = []
-targets = [("203.0.113.10", 80), ("198.51.100.2", 5001), ("2001:db8:2::2", 5001)]
-for host, port in targets:
-    for _ in range(2):
-        s = socket.create_connection((host, port), timeout=5)
-        s.sendall(b"hello"); s.recv(16)
-        conns.append(s)
-print("OPEN", len(conns), flush=True)
-sys.stdin.readline()
-"""
+sys.path.insert(0, str(ROOT))
+FLOWS_PY = ROOT / "deploy" / "docker" / "flows.py"
+STREAM_ARGS = ("--every", "0.5", "--interval", "0.05")
 
 
-def run(*cmd: str, ns: str | None = None, check: bool = True, quiet: bool = False) -> str:
-    full = (["ip", "netns", "exec", ns] if ns else []) + list(cmd)
-    done = subprocess.run(full, check=False, capture_output=True, text=True)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(full)} failed: {done.stderr.strip()}")
-    if not quiet and done.stdout:
-        print(done.stdout, end="")
-    return done.stdout
+def banner(text: str) -> None:
+    print(f"\n== {time.strftime('%H:%M:%S')}  {text}", flush=True)
 
 
-def setup() -> None:
-    for ns in (CLIENT, FW, SERVER):
-        run("ip", "netns", "add", ns)
-        run("ip", "link", "set", "lo", "up", ns=ns)
-    run("ip", "link", "add", "c-f", "netns", CLIENT, "type", "veth", "peer", "fw-c", "netns", FW)
-    run("ip", "link", "add", "fw-s", "netns", FW, "type", "veth", "peer", "s-f", "netns", SERVER)
-    for ns, dev, addrs in (
-        (CLIENT, "c-f", ("192.0.2.2/24", "2001:db8:1::2/64")),
-        (FW, "fw-c", ("192.0.2.1/24", "2001:db8:1::1/64")),
-        (FW, "fw-s", ("198.51.100.1/24", "2001:db8:2::1/64")),
-        (SERVER, "s-f", ("198.51.100.2/24", "2001:db8:2::2/64")),
-    ):
-        for a in addrs:
-            run("ip", "addr", "add", a, "dev", dev, *(["nodad"] if ":" in a else []), ns=ns)
-        run("ip", "link", "set", dev, "up", ns=ns)
-    run("ip", "route", "add", "default", "via", "192.0.2.1", ns=CLIENT)
-    run("ip", "-6", "route", "add", "default", "via", "2001:db8:1::1", ns=CLIENT)
-    run("ip", "route", "add", "default", "via", "198.51.100.1", ns=SERVER)
-    run("ip", "-6", "route", "add", "default", "via", "2001:db8:2::1", ns=SERVER)
-    run("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=FW)
-    run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=FW)
-    subprocess.run(
-        ["ip", "netns", "exec", FW, "nft", "-f", "-"], input=FW_RULESET, text=True, check=True
+class Tail:
+    """Prints the new lines of a growing list (a process's output) with a prefix, live."""
+
+    def __init__(self, lines: Callable[[], list[str]], prefix: str) -> None:
+        self.lines = lines
+        self.prefix = prefix
+        self.shown = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.flush()
+
+    def flush(self) -> None:
+        lines = self.lines()
+        for line in lines[self.shown :]:
+            print(f"{self.prefix}{line}", flush=True)
+        self.shown = len(lines)
+
+    def stop(self) -> None:
+        """Print what is left and stop (later lines are not printed)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(1)
+        self.flush()
+
+
+class StreamProcess:
+    """A command whose merged output is collected line by line by a thread."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def summary(lines: list[str]) -> str:
+    resets = sum("RESET" in line or "BROKEN" in line for line in lines)
+    gaps = [line for line in lines if "back after" in line]
+    return (
+        f"the stream: {'NO reset' if not resets else f'{resets} resets'}, one connection"
+        f" throughout; pauses: {[g.split('back after ')[1].split(' s')[0] + ' s' for g in gaps]}"
     )
 
 
-def main() -> int:
-    if os.geteuid() != 0:
-        print("the demo needs root (it creates network namespaces)", file=sys.stderr)
+# --------------------------------------------------------------------------- Docker
+
+
+def docker_demo() -> int:
+    from tests.e2e.compose import (
+        FLOWS,
+        VIP_LAN,
+        ComposeCluster,
+        build_image,
+        compose_command,
+        docker,
+        other_clusters,
+        wait_until,
+    )
+
+    tag = os.environ.get("CTSYNC_IMAGE", "ctsync:local")
+    banner(f"building {tag}: a debootstrapped Debian + ctsync's wheel (no registry; cached)")
+    print(f"built in {build_image(tag):.1f}s")
+    busy = other_clusters()
+    if busy:
+        compose = " ".join(compose_command() or ("docker-compose",))
+        print(f"another ctsync cluster holds the subnets: {compose} -p {busy[0]} down -v")
         return 1
-    for tool in ("ip", "nft"):
-        if shutil.which(tool) is None:
-            print(f"the demo needs {tool!r}: run `make demo`, which installs it", file=sys.stderr)
-            return 1
-    procs: list[subprocess.Popen[str]] = []
+    cluster = ComposeCluster(f"ctsync-demo-{secrets.token_hex(3)}", tag)
+    stream: StreamProcess | None = None
+    tail: Tail | None = None
     try:
-        print(f"== creating namespaces {CLIENT} -- {FW} (NAT firewall) -- {SERVER}")
-        setup()
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", SERVER, sys.executable, "-c", SERVER_PROGRAM],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        procs.append(server)
-        assert server.stdout is not None
-        server.stdout.readline()
-        run("ping", "-c", "2", "-i", "0.2", "-q", "198.51.100.2", ns=CLIENT, quiet=True)
-        client = subprocess.Popen(
-            ["ip", "netns", "exec", CLIENT, sys.executable, "-c", CLIENT_PROGRAM],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        procs.append(client)
-        assert client.stdout is not None
-        print("== client:", client.stdout.readline().strip(), "connections through the firewall")
-        time.sleep(0.2)
-        print(f"\n== ctsync show conntrack table ipv4   (inside {FW})")
-        run(*CTSYNC, "show", "conntrack", "table", "ipv4", ns=FW)
-        print(f"\n== ctsync show conntrack table ipv6   (inside {FW})")
-        run(*CTSYNC, "show", "conntrack", "table", "ipv6", ns=FW)
-        print("\n== ctsync show conntrack table ipv4 --dport 80 --json   (the port-forwarded one)")
-        run(*CTSYNC, "show", "conntrack", "table", "ipv4", "--dport", "80", "--json", ns=FW)
-        print("\n== ctsync show conntrack table ipv4 --proto tcp --count")
-        run(*CTSYNC, "show", "conntrack", "table", "ipv4", "--proto", "tcp", "--count", ns=FW)
+        banner(f"{' '.join(cluster.base[:-4])} up: fw1 (becomes VRRP master), fw2, server, client")
+        cluster.up("fw1", "server")
+        wait_until(lambda: cluster.role("fw1") == "MASTER", 30, "fw1 to become MASTER")
+        cluster.up()
+        wait_until(lambda: cluster.role("fw2") == "BACKUP", 30, "fw2 to come up as BACKUP")
+        for fw in ("fw1", "fw2"):
+            holds = "holds the VIPs" if cluster.holds_vips(fw) else "no VIPs"
+            print(f"{fw}: {cluster.role(fw)}, {holds}")
+
+        banner(f"client -> {VIP_LAN}:5000 (forwarded to the server, SNATed): an echo every 50 ms")
+        stream = StreamProcess(
+            [
+                *("docker", "exec", cluster.container("client"), "python3", FLOWS, "stream"),
+                *("--host", VIP_LAN, "--port", "5000", *STREAM_ARGS),
+            ]
+        )
+        tail = Tail(lambda: stream.lines if stream else [], "   client | ")
+        time.sleep(3.5)
+        banner("docker kill fw1: the master dies (SIGKILL, no goodbye)")
+        docker("kill", cluster.container("fw1"))
+        wait_until(lambda: cluster.role("fw2") == "MASTER", 15, "fw2 to become MASTER")
+        time.sleep(3)
+        tail.stop()
+        banner("ctsync show status   (inside fw2: the takeover, step by step)")
+        print(cluster.exec("fw2", "ctsync", "show", "status").stdout)
+        banner("docker start fw1: it comes back as backup and asks fw2 for its table")
+        docker("start", cluster.container("fw1"))
+        wait_until(lambda: cluster.role("fw1") == "BACKUP", 30, "fw1 to rejoin as BACKUP")
+        time.sleep(2)
+        print(f"fw1: {cluster.role('fw1')}, fw2: {cluster.role('fw2')}")
+        for fw in ("fw2", "fw1"):
+            banner(f"ctsync show statistics   (inside {fw})")
+            print(cluster.exec(fw, "ctsync", "show", "statistics").stdout)
+        print(summary(stream.lines))
         return 0
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-        for ns in (CLIENT, FW, SERVER):
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
-        print("\n== namespaces removed")
+        if tail is not None:
+            tail.stop()
+        if stream is not None:
+            stream.stop()
+        banner("down -v: containers, networks and the key volume removed")
+        cluster.down()
+
+
+# --------------------------------------------------------------------------- namespaces
+
+
+def netns_demo() -> int:
+    from tests.linux.agents import SERVER_ADDR, build_failover_site, wait_until
+    from tests.linux.failover_site import (
+        VRRP_GROUP,
+        failover_status,
+        holds_vips,
+        vrrp_tables,
+        write_ctsync_config,
+    )
+    from tests.linux.netns import NamespaceFactory, install_sigterm_handler, traffic_cmd
+
+    install_sigterm_handler()
+    with tempfile.TemporaryDirectory() as tmp, NamespaceFactory() as factory:
+        banner("network namespaces: client -- fw1/fw2 (ctsync + its VRRP speaker) -- server")
+        site = build_failover_site(factory, Path(tmp))
+        site.del_vips(1)  # VRRP places them
+        cluster = site.cluster
+        site.server.start(traffic_cmd("tcp-echo-server", "--port", "5000"))
+        for node_id in (1, 2):
+            tables = vrrp_tables(node_id)
+            for table in tables:
+                table["priority"] = 100  # as in the compose cluster: no preemption back
+            write_ctsync_config(
+                cluster, node_id, failover={"mechanism": "vrrp"}, vrrp=tables, vrrp_group=VRRP_GROUP
+            )
+
+        def role(node_id: int) -> object:
+            return failover_status(cluster, node_id).get("state")
+
+        cluster.start(1, wait=False)
+        wait_until(lambda: holds_vips(site, 1), 15, "fw1 to take the VIPs")
+        cluster.start(2)
+        wait_until(lambda: role(2) == "BACKUP", 15, "fw2 to come up as BACKUP")
+        print(f"fw1: {role(1)}, fw2: {role(2)}")
+
+        banner(f"client -> {SERVER_ADDR}:5000 through the VIP, SNATed: an echo every 50 ms")
+        stream = site.client.popen(
+            [
+                *(sys.executable, "-u", str(FLOWS_PY), "stream"),
+                *("--host", SERVER_ADDR, "--port", "5000", *STREAM_ARGS),
+            ]
+        )
+        tail = Tail(lambda: stream.lines, "   client | ")
+        try:
+            time.sleep(3.5)
+            banner("kill -9 fw1's agent, links down: the master dies")
+            cluster.kill(1)
+            site.links(1, "down")
+            wait_until(lambda: role(2) == "MASTER", 15, "fw2 to become MASTER")
+            time.sleep(3)
+        finally:
+            tail.stop()
+        banner("ctsync show status   (fw2: the takeover, step by step)")
+        print(cluster.cli(2, "show", "status").stdout)
+        banner("fw1 comes back: links up, agent started: backup, resync from fw2")
+        site.links(1, "up")
+        cluster.start(1)
+        wait_until(lambda: role(1) == "BACKUP", 20, "fw1 to rejoin as BACKUP")
+        time.sleep(2)
+        for node_id in (2, 1):
+            banner(f"ctsync show statistics   (fw{node_id})")
+            print(cluster.cli(node_id, "show", "statistics").stdout)
+        print(summary(stream.lines))
+        banner("namespaces and processes removed")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--docker", action="store_true", help="the compose cluster, or fail")
+    mode.add_argument("--netns", action="store_true", help="network namespaces only")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("the demo needs root (Docker's networks or network namespaces)", file=sys.stderr)
+        return 1
+    if not args.netns:
+        from tests.e2e.compose import docker_problem
+
+        problem = docker_problem()
+        if problem is None:
+            return docker_demo()
+        if args.docker:
+            print(f"Docker is not usable: {problem}", file=sys.stderr)
+            return 1
+        print(f"Docker is not usable ({problem}): the same cluster in network namespaces")
+    return netns_demo()
 
 
 if __name__ == "__main__":

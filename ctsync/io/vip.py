@@ -309,8 +309,14 @@ class LinkWatcher:
     def __init__(self, interfaces: Iterable[str], on_link: LinkHandler) -> None:
         self.on_link = on_link
         self.state: dict[str, bool] = {}
+        # ifindex -> watched name: an interface renamed or moved to another namespace
+        # (how `docker network disconnect` takes it away) is reported under its old index
+        # with another name, or deleted, and must count as down.
+        self.index: dict[int, str] = {}
         for ifname in interfaces:
             self.state[ifname] = bool(link_is_up(ifname))
+            with contextlib.suppress(OSError):
+                self.index[socket.if_nametoindex(ifname)] = ifname
         self.sock: socket.socket | None = None
         self.events = 0
         self.overruns = 0
@@ -365,14 +371,21 @@ class LinkWatcher:
                     continue
                 log.warning("link events: %s", exc.strerror or exc)
                 return
-            for ifname, up in parse_link_events(data):
+            for index, ifname, up in parse_link_events(data):
                 self.events += 1
-                self._set(ifname, up)
+                old = self.index.get(index)
+                if old is not None and old != ifname:  # renamed away, or moved out
+                    del self.index[index]
+                    self._set(old, False)
+                if ifname in self.state:
+                    if up:
+                        self.index[index] = ifname
+                    self._set(ifname, up)
 
 
-def parse_link_events(data: bytes) -> list[tuple[str, bool]]:
-    """``(ifname, up)`` of each RTM_NEWLINK / RTM_DELLINK in a netlink datagram."""
-    out: list[tuple[str, bool]] = []
+def parse_link_events(data: bytes) -> list[tuple[int, str, bool]]:
+    """``(ifindex, ifname, up)`` of each RTM_NEWLINK / RTM_DELLINK in a netlink datagram."""
+    out: list[tuple[int, str, bool]] = []
     off = 0
     while off + _NLMSG_HDR.size <= len(data):
         length, kind, _flags, _seq, _pid = _NLMSG_HDR.unpack_from(data, off)
@@ -381,11 +394,11 @@ def parse_link_events(data: bytes) -> list[tuple[str, bool]]:
         if kind in (_RTM_NEWLINK, _RTM_DELLINK):
             body = off + _NLMSG_HDR.size
             if body + _IFINFOMSG.size <= off + length:
-                _family, _type, _index, ifflags, _change = _IFINFOMSG.unpack_from(data, body)
+                _family, _type, index, ifflags, _change = _IFINFOMSG.unpack_from(data, body)
                 name = _attr(data, body + _IFINFOMSG.size, off + length, _IFLA_IFNAME)
                 if name is not None:
                     up = kind == _RTM_NEWLINK and bool(ifflags & _IFF_UP and ifflags & _IFF_RUNNING)
-                    out.append((name.split(b"\0", 1)[0].decode(errors="replace"), up))
+                    out.append((index, name.split(b"\0", 1)[0].decode(errors="replace"), up))
         off += (length + 3) & ~3
     return out
 
