@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import ipaddress
 import logging
+import socket
 import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -360,10 +361,87 @@ class VrrpSpeaker:
         if self.group is None or self._stopped:
             return
         log.info("VRRP: interface %s is %s", ifname, "up" if up else "down")
+        if up and self._recreated(ifname):
+            # A new device under the old name (deleted and re-created, or moved back from
+            # another namespace): our socket is bound to the old one, and a backup that
+            # hears nothing would become a second master. Stay in FAULT until the
+            # sockets are open on the new device.
+            assert self._loop is not None
+            self._loop.create_task(self._reopen(ifname))
+            return
         for inst in self.instances.values():
             if inst.cfg.interface == ifname:
                 self._dispatch(self.group.link(inst.name, up, self._now()))
         self._arm()
+
+    def _recreated(self, ifname: str) -> bool:
+        try:
+            index = socket.if_nametoindex(ifname)
+        except OSError:
+            return False
+        return any(
+            i.cfg.interface == ifname and i.ifindex != index for i in self.instances.values()
+        )
+
+    async def _reopen(self, ifname: str, attempts: int = 30) -> None:
+        """Open the instances' sockets on the re-created ``ifname``, then report it up.
+
+        The source address must be the one the instances started with (it is in every
+        advert and in the tie-break); if it changed, or never comes back, the instances
+        stay in FAULT and the log says to restart the agent.
+        """
+        for _ in range(attempts):
+            if self._stopped or not link_is_up(ifname):
+                return
+            try:
+                if await self._reopen_once(ifname):
+                    log.info("VRRP: sockets reopened on the new %s", ifname)
+                    assert self.group is not None
+                    for inst in self.instances.values():
+                        if inst.cfg.interface == ifname:
+                            self._dispatch(self.group.link(inst.name, True, self._now()))
+                    self._arm()
+                    return
+            except (VrrpSocketError, OSError) as exc:
+                log.warning("VRRP: reopening %s failed: %s", ifname, exc)
+            await asyncio.sleep(1.0)  # addresses may come a moment after the link
+        log.error(
+            "VRRP: %s was re-created and its instances cannot reopen their sockets with the"
+            " same source address; they stay in FAULT: restart ctsync",
+            ifname,
+        )
+
+    async def _reopen_once(self, ifname: str) -> bool:
+        ifindex = await self.addresses.ifindex(ifname)
+        if ifindex is None:
+            return False
+        affected = [i for i in self.instances.values() if i.cfg.interface == ifname]
+        for inst in affected:
+            if inst.cfg.unicast_src is not None:
+                continue
+            vips = [v.address for v in inst.vips]
+            if inst.cfg.family == 4:
+                source = await self.addresses.primary_ipv4(ifindex, exclude=vips)
+            else:
+                source = await self.addresses.link_local(ifindex)
+            if source != inst.channel.source:
+                return False  # not there yet, or another address: wait
+        new: dict[ChannelKey, VrrpChannel] = {}
+        for inst in affected:
+            old = inst.channel
+            channel = new.get(old.key)
+            if channel is None:
+                channel = VrrpChannel(
+                    old.key, ifindex=ifindex, source=old.source, on_packet=self._on_packet
+                )
+                channel.open()
+                new[old.key] = channel
+            inst.channel, inst.ifindex = channel, ifindex
+        for key, channel in new.items():
+            self.channels[key].close()
+            self.channels[key] = channel
+            channel.start(self._loop)
+        return True
 
     def _arm(self) -> None:
         """One timer, for the state machine's next deadline."""

@@ -39,13 +39,14 @@ from tests.linux.agents import wait_until
 from tests.linux.keepalived import (
     CT_ADDR,
     KA_ADDR,
+    VRRP_IF,
     CtsyncNode,
     KeepalivedNode,
     VrrpParams,
     VrrpSite,
     build_vrrp_site,
 )
-from tests.linux.netns import NamespaceFactory, in_netns
+from tests.linux.netns import NamespaceFactory, add_addr, in_netns, veth
 
 #: Allowance beyond a formula: scheduling on 2 shared CPUs, process wake-ups, netlink.
 MARGIN = 0.5
@@ -311,6 +312,36 @@ def test_link_down_faults_and_recovers(site: VrrpSite, tmp_path: Path) -> None:
     assert pair.ct.group_states()[-3:] == ["FAULT", "BACKUP", "MASTER"], pair.describe()
     assert pair.state("ka") == "BACKUP"
     pair.check_status(pair.ct.status())
+    pair.check_logs()
+
+
+def test_recreated_interface_gets_new_sockets(site: VrrpSite, tmp_path: Path) -> None:
+    """ctsync's interface deleted and created again under the same name (as a container
+    network reconnect does): the old sockets are bound to a device that is gone. ctsync
+    must reopen them on the new one; a backup left deaf would become a second master."""
+    ka = VrrpParams(3, 4, 100, 0.1)
+    ct = VrrpParams(3, 4, 200, 0.1)
+    pair = Pair(site, tmp_path, ka, ct)
+    pair.ct.start()
+    pair.wait_holder("ct", ct.down() + 3)
+    pair.ka.start()
+    time.sleep(2 * ka.down())
+
+    start = time.monotonic()
+    site.ct_ns.ip("link", "del", VRRP_IF)  # the switch's end goes with it
+    site.watches["ka"].wait("add", pair.vip, start, ka.down() + 3)
+    wait_until(lambda: pair.state("ct") == "FAULT", 3, "ctsync in FAULT")
+
+    veth(site.ct_ns, VRRP_IF, site.sw, "pct")
+    site.sw.ip("link", "set", "pct", "master", "br0")
+    add_addr(site.ct_ns, VRRP_IF, "192.0.2.2/24")
+    add_addr(site.ct_ns, VRRP_IF, "2001:db8::2/64")
+    # Preempts again through the new device, and keepalived hears it: one holder only.
+    pair.wait_holder("ct", ct.down() + 5)
+    time.sleep(3 * ka.down())
+    assert site.holders(pair.vip) == ["ct"], pair.describe()
+    assert pair.state("ka") == "BACKUP", pair.describe()
+    assert "sockets reopened on the new vr0" in pair.ct.output()
     pair.check_logs()
 
 
