@@ -28,13 +28,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ctsync.config import Config, load_config, read_key
+from ctsync.config import Config, GatewayWatch, load_config, read_key
 from ctsync.controller import FailoverController
 from ctsync.core import expect, record
 from ctsync.core.cache import Cache, CacheCounters, Change
 from ctsync.core.ctnetlink import CtnetlinkError
 from ctsync.core.entry import entry_to_json
 from ctsync.core.failover import Role, parse_fifo_line, parse_notify
+from ctsync.core.gateway import (
+    FlushReport,
+    GatewayMachine,
+    GatewaySnapshot,
+    GatewayState,
+    Transition,
+    WatchRules,
+    describe_match,
+)
 from ctsync.core.select import EntryFilter as Selector
 from ctsync.core.stats import CacheStats, CommitStats, LinkStats, NetlinkStats, PeerStats, Snapshot
 from ctsync.core.sync import SessionConfig, SyncSession
@@ -45,6 +54,14 @@ from ctsync.io.control import CommandError, ControlServer
 from ctsync.io.metrics import MetricsInput, MetricsServer
 from ctsync.io.netlink import CommitResult, Committer, KernelTable
 from ctsync.io.notify_fifo import NotifyFifo
+from ctsync.io.probe import (
+    IcmpProber,
+    Prober,
+    ProbeResult,
+    RemovalResult,
+    TcpProber,
+    remove_connections,
+)
 from ctsync.io.timeouts import set_timeouts
 from ctsync.io.transport import LinkConfig, Transport
 
@@ -130,6 +147,7 @@ class Agent:
         self.fifo: NotifyFifo | None = None
         self.fifo_ignored = 0
         self.metrics: MetricsServer | None = None
+        self.gateways = [GatewayRunner(watch) for watch in config.gateway_watch]
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -161,6 +179,8 @@ class Agent:
                 await self.metrics.start()
             await self.kernel.start()
             self._tasks.append(loop.create_task(self._timer(), name="ctsync-timer"))
+            for gateway in self.gateways:  # after the kernel table: removals reach the peers
+                self._tasks.append(loop.create_task(gateway.run(), name=f"gateway-{gateway.name}"))
             await self._start_failover()
             interval = sdnotify.watchdog_interval()
             if interval:
@@ -432,6 +452,7 @@ class Agent:
             "last_commit": None if snap.last_commit is None else snap.last_commit.__dict__,
             "failover": controller,
             "vrrp": None if self.speaker is None else await self.speaker.status(),
+            "gateways": [gateway.snapshot().to_dict() for gateway in self.gateways],
         }
 
     async def cmd_failover(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -598,6 +619,7 @@ class Agent:
             failover_transitions=dict(self.controller.transition_counts),
             last_transition=transitions[-1] if transitions else None,
             vrrp=None if self.speaker is None else await self.speaker.status(),
+            gateways=tuple(gateway.snapshot() for gateway in self.gateways),
         )
 
     def snapshot(self) -> Snapshot:
@@ -757,6 +779,134 @@ class _Steps:
             result.failed,
         )
         return {"updated": result.updated, "gone": result.gone, "failed": result.failed}
+
+
+class GatewayRunner:
+    """One ``[[gateway-watch]]``: a probe every ``interval``, the pure state machine
+    (``ctsync.core.gateway``), and, on the changes ``flush-on`` names, the removal of the
+    matching connections in a thread. Removals are local: their DESTROY events reach the
+    peers like any other. Removals of one watch run one at a time, while probing goes on."""
+
+    def __init__(self, watch: GatewayWatch) -> None:
+        self.watch = watch
+        self.name = watch.name
+        self.selector = watch.match.selector()
+        self.match = watch.match.describe()
+        rules = WatchRules(watch.down_after, watch.up_after, frozenset(watch.flush_on))
+        self.machine = GatewayMachine(rules, since=time.monotonic())
+        self._flush_lock = asyncio.Lock()
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    def _prober(self) -> Prober:
+        watch = self.watch
+        source = None if watch.source_address is None else str(watch.source_address)
+        if watch.probe == "tcp":
+            assert watch.port is not None  # the config requires it
+            return TcpProber(
+                str(watch.address), watch.port, source=source, interface=watch.interface
+            )
+        return IcmpProber(str(watch.address), source=source, interface=watch.interface)
+
+    def snapshot(self) -> GatewaySnapshot:
+        return GatewaySnapshot.of(
+            self.name, self.watch.target(), self.machine, self.match, time.monotonic(), time.time()
+        )
+
+    async def run(self) -> None:
+        watch, machine = self.watch, self.machine
+        prober = self._prober()
+        log.info(
+            "gateway watch %s: %s every %gs, down after %d lost, up after %d answered;"
+            " on %s remove connections matching %s",
+            self.name,
+            watch.target(),
+            watch.interval,
+            watch.down_after,
+            watch.up_after,
+            " and ".join(watch.flush_on) or "no change",
+            describe_match(self.match),
+        )
+        machine.since = time.monotonic()
+        logged_error: str | None = None
+        next_at = time.monotonic()
+        try:
+            while True:
+                try:
+                    result = await prober.probe(watch.timeout)
+                except Exception as exc:  # a bug in a probe must not end the watch
+                    log.exception("gateway %s: probe raised", self.name)
+                    result = ProbeResult("error", error=f"{type(exc).__name__}: {exc}")
+                if result.error is not None and result.error != logged_error:
+                    # Once per cause, not once per probe.
+                    log.warning("gateway %s: probe failed: %s", self.name, result.error)
+                if result.outcome == "ok":
+                    logged_error = None
+                elif result.error is not None:
+                    logged_error = result.error
+                now = time.monotonic()
+                change = machine.observe(now, result.outcome, result.rtt, result.error)
+                if change is not None:
+                    self._changed(change)
+                next_at = max(next_at + watch.interval, now)  # late: no burst to catch up
+                await asyncio.sleep(next_at - now)
+        finally:
+            prober.close()
+            for task in self._flushes:
+                task.cancel()
+
+    def _changed(self, change: Transition) -> None:
+        if not change.flush:
+            log.log(
+                logging.WARNING if change.new == GatewayState.DOWN else logging.INFO,
+                "gateway %s (%s) is %s (was %s): %s",
+                self.name,
+                self.watch.target(),
+                change.new,
+                change.old,
+                change.reason,
+            )
+            return
+        task = asyncio.get_running_loop().create_task(self._flush(change))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, change: Transition) -> None:
+        async with self._flush_lock:
+            self.machine.flush_started()
+            try:
+                result = await asyncio.to_thread(remove_connections, self.selector)
+            except Exception as exc:  # reported like a failed dump, not lost in a task
+                log.exception("gateway %s: removing connections raised", self.name)
+                result = RemovalResult(0, 0, 0.0, f"{type(exc).__name__}: {exc}")
+            finally:
+                self.machine.flushing = False
+            report = FlushReport(
+                change.event,
+                result.removed,
+                result.failed,
+                result.seconds,
+                time.monotonic(),
+                result.error,
+            )
+            self.machine.flush_done(report)
+        matching = describe_match(self.match)
+        outcome = (
+            f"removed {result.removed} connection{'' if result.removed == 1 else 's'}"
+            f" matching {matching}"
+            f" ({result.failed} failed) in {result.seconds:.3f}s"
+        )
+        if result.error is not None:
+            outcome = f"could not remove the connections matching {matching}: {result.error}"
+        log.log(
+            logging.WARNING if change.new == GatewayState.DOWN or result.error else logging.INFO,
+            "gateway %s (%s) is %s (was %s): %s; %s",
+            self.name,
+            self.watch.target(),
+            change.new,
+            change.old,
+            change.reason,
+            outcome,
+        )
 
 
 def load_key(config: Config) -> bytes | None:

@@ -50,8 +50,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ctsync.core.entry import PROTO_NUMBERS, TcpState
+from ctsync.core.entry import L4_PORT_PROTOCOLS, PROTO_NUMBERS, TcpState
 from ctsync.core.filter import EntryFilter, parse_protocol, parse_tcp_state
+from ctsync.core.select import U32_MAX, parse_mark
+from ctsync.core.select import EntryFilter as Selector
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/ctsync/ctsync.toml")
 DEFAULT_KEY_FILE: Final = Path("/etc/ctsync/sync.key")
@@ -768,6 +770,174 @@ class LogConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+# --------------------------------------------------------------------------- [[gateway-watch]]
+
+
+def _mark(value: object) -> tuple[int, int] | None:
+    """``"MARK"``, ``"MARK/MASK"`` (decimal or 0x-hex) or an integer; ``""`` = not set."""
+    if value == "" or value is None:
+        return None
+    if isinstance(value, tuple):  # already parsed (model_validate of a built model)
+        return (int(value[0]), int(value[1]))
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError(
+            f"expected a mark as a string (MARK or MARK/MASK), got {_toml_type(value)}"
+        )
+    mark, mask = parse_mark(value)
+    if mark & ~mask:
+        raise ValueError(f"mark {mark:#x} has bits outside mask {mask:#x}: it matches nothing")
+    return mark, mask
+
+
+def _mark_text(value: tuple[int, int] | None) -> str:
+    return "" if value is None else f"{value[0]:#x}/{value[1]:#x}"
+
+
+def _optional_network(value: object) -> str | None:
+    return None if value == "" or value is None else _network(value)
+
+
+def _optional_protocol(value: object) -> str | None:
+    return None if value == "" or value is None else _protocol(value)
+
+
+OptionalPort = Annotated[
+    Port | None,
+    BeforeValidator(_empty_to_none),
+    PlainSerializer(lambda v: "" if v is None else v),
+]
+
+
+class GatewayMatch(_Model):
+    """``[gateway-watch.match]``: the connections a watch removes, conntrack(8)'s filters
+    on the original direction (``ctsync.core.select.EntryFilter``); all given must match."""
+
+    mark: Annotated[
+        tuple[int, int] | None,
+        PlainValidator(_mark),
+        PlainSerializer(_mark_text, return_type=str),
+    ] = None
+    src: Annotated[
+        str | None,
+        PlainValidator(_optional_network),
+        PlainSerializer(_none_to_empty, return_type=str),
+    ] = None
+    dst: Annotated[
+        str | None,
+        PlainValidator(_optional_network),
+        PlainSerializer(_none_to_empty, return_type=str),
+    ] = None
+    proto: Annotated[
+        str | None,
+        PlainValidator(_optional_protocol),
+        PlainSerializer(_none_to_empty, return_type=str),
+    ] = None
+    dport: OptionalPort = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        errors: list[tuple[Loc, str]] = []
+        if all(v is None for v in (self.mark, self.src, self.dst, self.proto, self.dport)):
+            errors.append(
+                (
+                    (),
+                    "give at least one of mark, src, dst, proto, dport: an empty match would"
+                    " remove every connection",
+                )
+            )
+        if self.src is not None and self.dst is not None:
+            src, dst = ipaddress.ip_network(self.src), ipaddress.ip_network(self.dst)
+            if src.version != dst.version:
+                errors.append(
+                    (("dst",), f"is IPv{dst.version} but src is IPv{src.version}: matches nothing")
+                )
+        ports = self.proto is None or parse_protocol(self.proto) in L4_PORT_PROTOCOLS
+        if self.dport is not None and not ports:
+            errors.append((("dport",), f"protocol {self.proto} has no ports"))
+        _fail(errors)
+        return self
+
+    def selector(self) -> Selector:
+        """The compiled filter (``ctsync show cache`` and ``conntrack -L`` semantics)."""
+        mark, mask = self.mark if self.mark is not None else (None, U32_MAX)
+        return Selector(
+            proto=parse_protocol(self.proto) if self.proto is not None else None,
+            src=ipaddress.ip_network(self.src) if self.src is not None else None,
+            dst=ipaddress.ip_network(self.dst) if self.dst is not None else None,
+            dport=self.dport,
+            mark=mark,
+            mark_mask=mask,
+        )
+
+    def describe(self) -> dict[str, str]:
+        """The given filters as conntrack words, e.g. ``{"mark": "0x1/0xff"}``."""
+        out: dict[str, str] = {}
+        for key in ("mark", "src", "dst", "proto", "dport"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = _mark_text(value) if key == "mark" else str(value)
+        return out
+
+
+FlushEvent = Literal["down", "up"]
+
+
+class GatewayWatch(_Model):
+    """``[[gateway-watch]]``: probe a gateway; when it goes down (or comes back), remove
+    the connections ``match`` selects so that they are re-created on the path that works."""
+
+    name: Annotated[str, Strict(), Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    address: UnicastAddress
+    probe: Literal["icmp", "tcp"] = "icmp"
+    port: OptionalPort = None
+    source_address: OptionalAddress = None
+    interface: OptionalInterfaceName = None
+    interval: Annotated[Seconds, Field(ge=0.1, le=3600.0)] = 1.0
+    timeout: Annotated[Seconds, Field(ge=0.01, le=60.0)] = 0.5
+    down_after: Annotated[int, Strict(), Field(ge=1, le=1000)] = 3
+    up_after: Annotated[int, Strict(), Field(ge=1, le=1000)] = 3
+    flush_on: Annotated[list[FlushEvent], AfterValidator(_no_duplicates)] = Field(
+        default_factory=lambda: list[FlushEvent](["down"])
+    )
+    match: GatewayMatch
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        errors: list[tuple[Loc, str]] = []
+        if self.timeout >= self.interval:
+            errors.append(
+                (
+                    ("timeout",),
+                    f"must be less than interval ({self.interval:g} s): one probe at a time",
+                )
+            )
+        if self.probe == "tcp" and self.port is None:
+            errors.append((("port",), 'required with probe = "tcp"'))
+        if self.probe != "tcp" and self.port is not None:
+            errors.append((("port",), 'only applies with probe = "tcp"'))
+        version = self.address.version
+        if self.source_address is not None and self.source_address.version != version:
+            errors.append(
+                (
+                    ("source-address",),
+                    f"is IPv{self.source_address.version} but address is IPv{version}",
+                )
+            )
+        if self.address.is_link_local and version == 6 and self.interface is None:
+            errors.append((("interface",), f"required with a link-local address ({self.address})"))
+        _fail(errors)
+        return self
+
+    def target(self) -> str:
+        """``icmp 198.51.100.1`` / ``tcp [2001:db8::1]:443``, for status and logs."""
+        if self.probe == "tcp":
+            host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+            return f"tcp {host}:{self.port}"
+        return f"icmp {self.address}"
+
+
 class Config(_Model):
     """The whole file."""
 
@@ -779,10 +949,16 @@ class Config(_Model):
     control: ControlConfig = Field(default_factory=ControlConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    gateway_watch: list[GatewayWatch] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> Self:
         errors: list[tuple[Loc, str]] = []
+        names: set[str] = set()
+        for index, watch in enumerate(self.gateway_watch):
+            if watch.name in names:
+                errors.append((("gateway-watch", index, "name"), f"{watch.name!r} is used twice"))
+            names.add(watch.name)
         if self.failover.mechanism == "vrrp" and not self.vrrp.instance:
             errors.append(
                 (("failover", "mechanism"), '"vrrp" needs at least one [[vrrp.instance]]')

@@ -30,7 +30,9 @@ import click
 from ctsync import __version__
 from ctsync.cli.agent_cmds import register_agent_commands
 from ctsync.cli.config_cmd import config_group
+from ctsync.cli.connections_cmd import connections_group
 from ctsync.cli.errors import CliError, describe_os_error
+from ctsync.cli.flows_cmd import flows_cmd
 from ctsync.cli.options import (
     CONTEXT_SETTINGS,
     EPILOG,
@@ -40,6 +42,7 @@ from ctsync.cli.options import (
 )
 from ctsync.cli.render import render_conntrack_json, render_conntrack_table
 from ctsync.cli.timeline_cmd import timeline_group
+from ctsync.cli.tracking_cmd import tracking_group
 from ctsync.core.entry import Entry
 from ctsync.core.select import IPNetwork
 
@@ -138,6 +141,9 @@ def show_conntrack_table(
 
 cli.add_command(config_group)
 cli.add_command(timeline_group)
+cli.add_command(flows_cmd)
+cli.add_command(connections_group)
+cli.add_command(tracking_group)
 register_agent_commands(cli, show)
 
 

@@ -11,6 +11,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from ctsync.core.gateway import status_lines
 from ctsync.core.stats import CacheStats, Snapshot
 
 
@@ -114,6 +115,7 @@ def render_status(status: dict[str, Any]) -> str:
                 f"vrrp {inst['name']:<16} : {inst['state']}, priority {inst['priority']},"
                 f" master {master}"
             )
+    lines.extend(status_lines(status.get("gateways") or []))
     transitions = (status.get("failover") or {}).get("transitions") or []
     if transitions:
         lines.append("")

@@ -5,8 +5,11 @@ Used by the CLI for the live table and by the agent for its caches.
 The flags and their meaning follow ``conntrack -L``: every filter applies to the *original*
 direction, all given filters must match (AND), and ``--mark MARK/MASK`` matches when
 ``entry.mark & MASK == MARK`` (so a MARK with bits outside MASK matches nothing, as in
-conntrack). Where the kernel leaves an attribute out of a dump because it
-holds the default value, the default is used: no mark is mark 0, no zone is zone 0.
+conntrack). ``reply_src``/``reply_dst`` are conntrack's ``-r``/``-q`` (the reply direction);
+``nat`` selects by address translation: ``any`` (conntrack ``-j``), ``src`` (``-n``), ``dst``
+(``-g``) or ``none`` (no translation at all). Where the kernel leaves an attribute out of a
+dump because it holds the default value, the default is used: no mark is mark 0, no zone is
+zone 0.
 
 The parsers raise :class:`ValueError` with a message fit for a usage error; the CLI turns
 it into exit status 2.
@@ -24,6 +27,7 @@ from ctsync.core.entry import (
     DccpState,
     Entry,
     SctpState,
+    Status,
     TcpState,
     state_name,
 )
@@ -39,6 +43,21 @@ STATE_NAMES = frozenset(
     {s.name for s in TcpState} | {s.name for s in SctpState} | {s.name for s in DccpState}
 )
 _STATE_ALIASES = {"LISTEN": "SYN_SENT2"}
+
+# --nat values: which translation an entry must have.
+NAT_KINDS = ("any", "src", "dst", "none")
+_FILTER_KEYS = (
+    "proto",
+    "src",
+    "dst",
+    "sport",
+    "dport",
+    "zone",
+    "state",
+    "reply_src",
+    "reply_dst",
+    "nat",
+)
 
 
 def parse_proto(text: str) -> int:
@@ -112,6 +131,42 @@ def parse_state(text: str) -> str:
     return name
 
 
+def parse_nat(text: str) -> str:
+    """One of :data:`NAT_KINDS` (``any``, ``src``, ``dst``, ``none``)."""
+    value = text.strip().lower()
+    if value not in NAT_KINDS:
+        raise ValueError(f"unknown NAT kind {text!r} (use one of: {', '.join(NAT_KINDS)})")
+    return value
+
+
+def nat_status(entry: Entry) -> int:
+    """IPS_SRC_NAT/IPS_DST_NAT of an entry; without a status, from the tuples (the kernel
+    sets these bits exactly when NAT changed the reply tuple)."""
+    if entry.status is not None:
+        return entry.status & int(Status.SRC_NAT | Status.DST_NAT)
+    reply = entry.reply
+    if reply is None:
+        return 0
+    orig = entry.orig
+    bits = 0
+    if reply.dst != orig.src or reply.dport != orig.sport:
+        bits |= int(Status.SRC_NAT)
+    if reply.src != orig.dst or reply.sport != orig.dport:
+        bits |= int(Status.DST_NAT)
+    return bits
+
+
+def _nat_matches(kind: str, entry: Entry) -> bool:
+    bits = nat_status(entry)
+    if kind == "any":
+        return bits != 0
+    if kind == "none":
+        return bits == 0
+    if kind == "src":
+        return bool(bits & Status.SRC_NAT)
+    return bool(bits & Status.DST_NAT)
+
+
 @dataclass(frozen=True, slots=True)
 class EntryFilter:
     """The conjunction of conntrack(8)-style filters; ``None`` means "any"."""
@@ -125,6 +180,9 @@ class EntryFilter:
     mark_mask: int = U32_MAX
     zone: int | None = None
     state: str | None = None
+    reply_src: IPNetwork | None = None
+    reply_dst: IPNetwork | None = None
+    nat: str | None = None
 
     def matches(self, entry: Entry) -> bool:
         orig = entry.orig
@@ -146,6 +204,20 @@ class EntryFilter:
             return False
         if self.zone is not None and (entry.zone or 0) != self.zone:
             return False
+        if self.reply_src is not None or self.reply_dst is not None:
+            reply = entry.reply
+            if reply is None:
+                return False
+            if self.reply_src is not None and not _in_network(
+                reply.family, reply.src, self.reply_src
+            ):
+                return False
+            if self.reply_dst is not None and not _in_network(
+                reply.family, reply.dst, self.reply_dst
+            ):
+                return False
+        if self.nat is not None and not _nat_matches(self.nat, entry):
+            return False
         return self.state is None or state_name(entry) == self.state
 
     def __call__(self, entry: Entry) -> bool:
@@ -154,7 +226,7 @@ class EntryFilter:
     def to_args(self) -> dict[str, str]:
         """The filter as plain strings (for the control socket); see :meth:`from_args`."""
         out: dict[str, str] = {}
-        for name in ("proto", "src", "dst", "sport", "dport", "zone", "state"):
+        for name in _FILTER_KEYS:
             value = getattr(self, name)
             if value is not None:
                 out[name] = str(value)
@@ -165,7 +237,7 @@ class EntryFilter:
     @classmethod
     def from_args(cls, args: dict[str, str]) -> EntryFilter:
         """Parse :meth:`to_args` output (or user input); raises ValueError on bad values."""
-        unknown = set(args) - {"proto", "src", "dst", "sport", "dport", "zone", "state", "mark"}
+        unknown = set(args) - {*_FILTER_KEYS, "mark"}
         if unknown:
             raise ValueError(f"unknown filter(s): {', '.join(sorted(unknown))}")
         mark, mask = parse_mark(args["mark"]) if "mark" in args else (None, U32_MAX)
@@ -179,6 +251,9 @@ class EntryFilter:
             mark_mask=mask,
             zone=parse_zone(args["zone"]) if "zone" in args else None,
             state=parse_state(args["state"]) if "state" in args else None,
+            reply_src=parse_network(args["reply_src"]) if "reply_src" in args else None,
+            reply_dst=parse_network(args["reply_dst"]) if "reply_dst" in args else None,
+            nat=parse_nat(args["nat"]) if "nat" in args else None,
         )
 
     @property

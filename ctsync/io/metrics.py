@@ -36,6 +36,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from ctsync import __version__
+from ctsync.core.gateway import FLUSH_EVENTS, PROBE_RESULTS, GatewaySnapshot, GatewayState
 from ctsync.core.stats import CacheStats, CommitStats, Snapshot
 from ctsync.core.wire import VERSION as WIRE_VERSION
 
@@ -84,6 +85,7 @@ class MetricsInput:
     failover_transitions: Mapping[str, int] = field(default_factory=dict)  # role -> count
     last_transition: Mapping[str, Any] | None = None  # Transition.to_dict() of the newest
     vrrp: Mapping[str, Any] | None = None  # VrrpSpeaker.status(); None without the speaker
+    gateways: tuple[GatewaySnapshot, ...] = ()  # one per [[gateway-watch]]
 
 
 @dataclass(frozen=True)
@@ -483,6 +485,52 @@ CATALOG: Final[dict[str, Spec]] = {
         "VRRP packets that did not parse",
         "show status --json: vrrp.channels[].malformed",
     ),
+    # --- gateway watch ([[gateway-watch]])
+    "ctsync_gateway_up": _g(
+        ("gateway",),
+        "1 while the watched gateway is up, 0 while down or not yet known",
+        "show status: gateway NAME : STATE",
+    ),
+    "ctsync_gateway_state": _g(
+        ("gateway", "state"),
+        "1 for the gateway's current state (unknown, up, down), 0 for the others",
+        "show status: gateway NAME : STATE",
+    ),
+    "ctsync_gateway_last_change_timestamp_seconds": _g(
+        ("gateway",),
+        "When the gateway entered its current state (or the watch started), unix time",
+        "show status --json: gateways[].since",
+    ),
+    "ctsync_gateway_probe_rtt_seconds": _g(
+        ("gateway",),
+        "Round-trip time of the last answered probe (absent: none answered yet)",
+        "show status: gateway NAME : ..., rtt",
+    ),
+    "ctsync_gateway_probes_total": _c(
+        ("gateway", "result"),
+        "Probes sent, by result (ok, timeout, error: no route, refused, socket error)",
+        "show status: gateway NAME : ..., N probes (M lost)",
+    ),
+    "ctsync_gateway_transitions_total": _c(
+        ("gateway", "to"),
+        "State changes of the gateway, by the state entered (up, down)",
+        "show status --json: gateways[].transitions",
+    ),
+    "ctsync_gateway_flushes_total": _c(
+        ("gateway",),
+        "Removals of the matching connections run on a state change (flush-on)",
+        "show status --json: gateways[].flushes",
+    ),
+    "ctsync_gateway_flushed_connections_total": _c(
+        ("gateway",),
+        "Connections removed because the gateway changed state",
+        "show status: gateway NAME : ..., last flush: N removed (summed)",
+    ),
+    "ctsync_gateway_flush_failed_connections_total": _c(
+        ("gateway",),
+        "Matching connections whose removal failed (refused, or gone in between)",
+        "show status --json: gateways[].flush_failed_total",
+    ),
 }
 
 #: SyncStats field -> (family, labels). A test checks that every field is here.
@@ -612,6 +660,7 @@ def build_families(data: MetricsInput, commits: CommitTotals) -> list[Metric]:
     _failover(add, data)
     if data.vrrp is not None:
         _vrrp(add, data.vrrp)
+    _gateways(add, data.gateways)
     return list(out.families.values())
 
 
@@ -731,6 +780,31 @@ def _vrrp(add: Add, vrrp: Mapping[str, Any]) -> None:
         add("ctsync_vrrp_receive_errors_total", channel.get("receive_errors", 0), channel=label)
         for reason, count in sorted((channel.get("malformed") or {}).items()):
             add("ctsync_vrrp_malformed_packets_total", count, channel=label, reason=str(reason))
+
+
+def _gateways(add: Add, gateways: Iterable[GatewaySnapshot]) -> None:
+    for gw in gateways:
+        name = gw.name
+        add("ctsync_gateway_up", gw.state == GatewayState.UP, gateway=name)
+        for state in GatewayState:
+            add("ctsync_gateway_state", gw.state == state, gateway=name, state=state.value)
+        add("ctsync_gateway_last_change_timestamp_seconds", gw.since, gateway=name)
+        if gw.last_rtt is not None:
+            add("ctsync_gateway_probe_rtt_seconds", gw.last_rtt, gateway=name)
+        for result in PROBE_RESULTS:
+            add(
+                "ctsync_gateway_probes_total", gw.probes.get(result, 0), gateway=name, result=result
+            )
+        for event in FLUSH_EVENTS:
+            add(
+                "ctsync_gateway_transitions_total",
+                gw.transitions.get(event, 0),
+                gateway=name,
+                to=event,
+            )
+        add("ctsync_gateway_flushes_total", gw.flushes, gateway=name)
+        add("ctsync_gateway_flushed_connections_total", gw.removed_total, gateway=name)
+        add("ctsync_gateway_flush_failed_connections_total", gw.failed_total, gateway=name)
 
 
 # --------------------------------------------------------------------------- collector, server

@@ -751,7 +751,9 @@ def test_reference_config_shows_the_defaults() -> None:
             seen.add(f"{table}.{key}")
     leaves = {k for k in model_keys() if k not in cfg.config_tables()}
     without_default = {"node-id", "sync.interface"}
-    in_arrays = {k for k in leaves if k.startswith(("sync.link.", "vrrp.instance."))}
+    in_arrays = {
+        k for k in leaves if k.startswith(("sync.link.", "vrrp.instance.", "gateway-watch."))
+    }
     assert leaves - without_default - in_arrays == seen
 
 

@@ -16,6 +16,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from ctsync.cli.render_sync import render_statistics
+from ctsync.core.gateway import GatewaySnapshot
 from ctsync.core.stats import (
     CacheStats,
     CommitStats,
@@ -131,6 +132,23 @@ VRRP_STATUS: dict[str, Any] = {
 }
 
 
+GATEWAY = GatewaySnapshot(
+    name="isp-a",
+    target="icmp 198.51.100.1",
+    state="down",
+    since=1_700_000_200.0,
+    since_seconds=5.0,
+    last_rtt=0.0015,
+    probes={"ok": 141, "timeout": 142, "error": 143},
+    transitions={"up": 144, "down": 145},
+    flush_on=("down",),
+    match={"mark": "0x1/0xff"},
+    flushes=146,
+    removed_total=147,
+    failed_total=148,
+)
+
+
 def make_input(*, inject: bool = False, vrrp: bool = True) -> MetricsInput:
     return MetricsInput(
         make_snapshot(inject=inject),
@@ -138,6 +156,7 @@ def make_input(*, inject: bool = False, vrrp: bool = True) -> MetricsInput:
         failover_transitions={"BACKUP": 2, "MASTER": 3},
         last_transition={"at": 1_700_000_100.0, "done": 1_700_000_100.5, "to": "MASTER"},
         vrrp=VRRP_STATUS if vrrp else None,
+        gateways=(GATEWAY,),
     )
 
 
