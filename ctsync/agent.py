@@ -103,7 +103,7 @@ class Agent:
         self.inject_stats = CacheCounters()  # conntrackd's `external inject` block
         if self.inject:
             self.session.on_external_change = self._queue_injection
-        self._inject_updates: dict[bytes, bytes] = {}
+        self._inject_updates: dict[bytes, tuple[int, bytes]] = {}  # key -> (node, value)
         self._inject_destroys: set[bytes] = set()
         self._inject_scheduled = False
         self.transport = Transport(
@@ -308,8 +308,9 @@ class Agent:
         return asyncio.get_running_loop().time()
 
     def _on_local_change(self, change: Change, key: bytes, own: bool) -> None:
-        # Our own writes (commit, injection) are not announced back to the peers.
-        if not own:
+        # Our own writes (commit, injection) are not announced back to the peers, nor is
+        # an update that changed nothing we sync (only the timeout counting down).
+        if not own and change is not Change.UNCHANGED:
             self.session.local_change(key)
 
     def _flush(self) -> None:
@@ -343,7 +344,7 @@ class Agent:
             self._inject_destroys.add(key)
         else:
             self._inject_destroys.discard(key)
-            self._inject_updates[key] = value
+            self._inject_updates[key] = (node, value)
         if not self._inject_scheduled:
             self._inject_scheduled = True
             asyncio.get_running_loop().call_soon(self._inject)
@@ -356,18 +357,27 @@ class Agent:
         announce them back), an injection never overwrites nor deletes an entry we own,
         and if a peer announces an entry we hold as ours — after a restart our dump reads
         back what we had injected — we give it up and announce that we no longer hold it.
+        Which of two claims is the read-back: the one of the node that started later
+        (the newer epoch). The node that kept running keeps its connections; without this
+        both would give up on each other's claim, and a restart could take a node's
+        connections away from it.
         """
         self._inject_scheduled = False
         committer = self.committer
         if committer is None:
             return
-        updates, self._inject_updates = self._inject_updates, {}
+        queued, self._inject_updates = self._inject_updates, {}
         destroys, self._inject_destroys = self._inject_destroys, set()
         internal, exclude, stats = self.internal, self.internal.exclude, self.inject_stats
-        for key in updates:
-            if key in internal:  # the peer owns it: stop claiming it
-                internal.destroy(key)
+        updates: dict[bytes, bytes] = {}
+        for key, (node, value) in queued.items():
+            if key in internal:
+                peer = self.session.peers.get(node)
+                if peer is not None and peer.epoch > self.epoch:
+                    continue  # the peer restarted after us: its claim is our injection
+                internal.destroy(key)  # we restarted after it: stop claiming it
                 self.session.local_change(key)
+            updates[key] = value
         if updates:
             fresh = sum(1 for key in updates if key not in exclude)
             exclude.update(updates)

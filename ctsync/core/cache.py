@@ -19,7 +19,7 @@ dump (and any events that arrive meanwhile) through the normal update path, then
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -30,7 +30,9 @@ from ctsync.core.filter import ACCEPT_ALL, EntryFilter
 DIGEST_BUCKETS = 256
 _ALL_FIXED = record.P_ALL_FIXED
 _VAL_RARE = record.VAL_RARE
+_BUCKET_MASK = DIGEST_BUCKETS - 1
 _crc32 = zlib.crc32
+_value_from_parts = record.value_from_parts
 
 
 def bucket_of(key: bytes) -> int:
@@ -109,11 +111,12 @@ class Cache:
         if digest is None:
             return
         kc = _crc32(key)
-        bucket = kc & (DIGEST_BUCKETS - 1)
+        delta = 0
         if old is not None:
-            digest[bucket] ^= _mix32(_crc32(old, kc))
+            delta = _mix32(_crc32(old, kc))
         if new is not None:
-            digest[bucket] ^= _mix32(_crc32(new, kc))
+            delta ^= _mix32(_crc32(new, kc))
+        digest[kc & _BUCKET_MASK] ^= delta
 
     def set_filter(self, entry_filter: EntryFilter) -> None:
         """Apply a new filter to what comes next (entries already cached stay)."""
@@ -128,6 +131,11 @@ class Cache:
 
     def get(self, key: bytes) -> bytes | None:
         return self._entries.get(key)
+
+    def getter(self) -> Callable[[bytes], bytes | None]:
+        """:meth:`get` without the method call (the sender's per-key loop): valid for the
+        cache's whole life, clears included (the mapping object is never replaced)."""
+        return self._entries.get
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         return iter(list(self._entries.items()))
@@ -155,6 +163,8 @@ class Cache:
 
     def update(self, parts: record.Parsed) -> Change:
         """Apply a NEW/UPDATE event or a dumped entry (the tuple ``record.parse_ct`` gives)."""
+        # The hot path of every kernel event: the digest swap is inlined (same arithmetic
+        # as _digest_swap) and globals are bound locally; it runs 100k+ times a second.
         key = parts[0]
         entries = self._entries
         old = entries.get(key)
@@ -163,7 +173,7 @@ class Cache:
         if old is None:
             if self.exclude and key in self.exclude:
                 return Change.IGNORED
-            value = record.value_from_parts(parts)
+            value = _value_from_parts(parts)
             if self._filtering and not self.filter.accepts(key, value):
                 self.counters.filtered += 1
                 return Change.IGNORED
@@ -171,12 +181,19 @@ class Cache:
                 self.counters.created_failed += 1
                 return Change.FAILED
             entries[key] = value
-            if self.digest is not None:
-                self._digest_swap(key, None, value)
+            digest = self.digest
+            if digest is not None:
+                kc = _crc32(key)
+                x = _crc32(value, kc)
+                x ^= x >> 16
+                x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+                x ^= x >> 13
+                x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+                digest[kc & _BUCKET_MASK] ^= x ^ (x >> 16)
             self.counters.created += 1
             return Change.NEW
         if parts[1] == _ALL_FIXED and not old[0] & _VAL_RARE:
-            value = record.value_from_parts(parts)  # complete: nothing to merge from old
+            value = _value_from_parts(parts)  # complete: nothing to merge from old
         else:
             value = record.merge_value(old, parts)
         if value == old or (value[:5] == old[:5] and value[9:] == old[9:]):
@@ -228,8 +245,15 @@ class Cache:
             if key not in self.exclude:  # an injected entry's end is not a failure
                 self.counters.destroyed_failed += 1
             return Change.IGNORED
-        if self.digest is not None:
-            self._digest_swap(key, old, None)
+        digest = self.digest
+        if digest is not None:  # _digest_swap(key, old, None), inlined: the event path
+            kc = _crc32(key)
+            x = _crc32(old, kc)
+            x ^= x >> 16
+            x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+            x ^= x >> 13
+            x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+            digest[kc & _BUCKET_MASK] ^= x ^ (x >> 16)
         self.counters.destroyed += 1
         return Change.DESTROYED
 

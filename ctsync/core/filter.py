@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 from ctsync.core import record
 from ctsync.core.entry import IPPROTO_TCP, PROTO_NUMBERS, TcpState
 
+_KIND_MASK = ~record.KEY_ZONE & 0xFF
+_V4_KINDS = frozenset((record.KEY_V4_PORTS, record.KEY_V4_ICMP))
+_V6_KINDS = frozenset((record.KEY_V6_PORTS, record.KEY_V6_ICMP))
+_RAW = record.KEY_RAW
+_VAL_REPLY = record.VAL_REPLY
+
 
 def parse_protocol(name: str) -> int:
     """A protocol name as VyOS/conntrackd spell it (tcp, udp, icmp, icmp6, ...) or a number."""
@@ -52,6 +58,13 @@ class EntryFilter:
     networks: tuple[tuple[int, int, int], ...] = ()  # (address length, network int, prefix)
     tcp_states: frozenset[int] = frozenset()
     description: dict[str, list[str]] = field(default_factory=dict, compare=False)
+    _aligned: dict[int, tuple[tuple[int, frozenset[bytes]], ...]] = field(
+        init=False, repr=False, compare=False
+    )
+    _shifted: dict[int, tuple[tuple[int, frozenset[int]], ...]] = field(
+        init=False, repr=False, compare=False
+    )
+    _by_address: bool = field(init=False, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -94,16 +107,44 @@ class EntryFilter:
     def accepts_all(self) -> bool:
         return not (self.protocols or self.exact_addresses or self.networks or self.tcp_states)
 
+    def __post_init__(self) -> None:
+        # Compiled once for the event path: ignored prefixes as byte strings per address
+        # length where the prefix ends on a byte boundary (one slice and one set lookup),
+        # shifted integers per prefix length otherwise.
+        aligned: dict[int, dict[int, set[bytes]]] = {}
+        shifted: dict[int, dict[int, set[int]]] = {}
+        for size, network, prefix in self.networks:
+            bits = size * 8
+            if prefix % 8 == 0:
+                raw = network.to_bytes(size, "big")[: prefix // 8]
+                aligned.setdefault(size, {}).setdefault(prefix // 8, set()).add(raw)
+            else:
+                shift = bits - prefix
+                shifted.setdefault(size, {}).setdefault(shift, set()).add(network >> shift)
+        object.__setattr__(
+            self,
+            "_aligned",
+            {k: tuple((n, frozenset(v)) for n, v in d.items()) for k, d in aligned.items()},
+        )
+        object.__setattr__(
+            self,
+            "_shifted",
+            {k: tuple((n, frozenset(v)) for n, v in d.items()) for k, d in shifted.items()},
+        )
+        object.__setattr__(self, "_by_address", bool(self.exact_addresses or self.networks))
+
     def address_ignored(self, address: bytes) -> bool:
         if address in self.exact_addresses:
             return True
-        if self.networks:
-            size = len(address)
+        size = len(address)
+        for length, prefixes in self._aligned.get(size, ()):
+            if address[:length] in prefixes:
+                return True
+        shifted = self._shifted.get(size)
+        if shifted:
             value = int.from_bytes(address, "big")
-            for net_size, network, prefix in self.networks:
-                if net_size == size and value >> (size * 8 - prefix) == network >> (
-                    size * 8 - prefix
-                ):
+            for shift, networks in shifted:
+                if value >> shift in networks:
                     return True
         return False
 
@@ -111,9 +152,17 @@ class EntryFilter:
         """Whether a record passes. ``value`` may be a fresh one built from an event."""
         if self.protocols and record.key_proto(key) not in self.protocols:
             return False
-        if self.exact_addresses or self.networks:
-            src, _ = record.key_addresses(key)
-            if self.address_ignored(src) or self.address_ignored(record.reply_src(key, value)):
+        if self._by_address:
+            kind = key[0] & _KIND_MASK
+            if kind in _V4_KINDS:
+                src, dst = key[1:5], key[5:9]
+            elif kind in _V6_KINDS:
+                src, dst = key[1:17], key[17:33]
+            else:
+                src, dst = record.key_addresses(key)
+            # Without NAT the reply's source is the original destination.
+            reply = record.reply_src(key, value) if value[0] & _VAL_REPLY or kind == _RAW else dst
+            if self.address_ignored(src) or self.address_ignored(reply):
                 return False
         if self.tcp_states:
             state = record.tcp_state(value)

@@ -221,6 +221,12 @@ def _compact_tuple(buf: Buffer, s: int, e: int) -> tuple[int, bytes] | None:
 Parsed = tuple[bytes, int, int, int, int, int, int, bytes, bytes]
 
 
+# body length -> messages of that length learn() could not take since the last success
+_UNLEARNABLE: dict[int, int] = {}
+_LEARN_TRIES: Final = 8
+_LEARN_RETRY_EVERY: Final = 256
+
+
 def parse_ct(buf: Buffer, start: int, end: int) -> Parsed:
     """Parse a CT_NEW/CT_DELETE body into record parts without building an Entry.
 
@@ -237,10 +243,20 @@ def parse_ct(buf: Buffer, start: int, end: int) -> Parsed:
             if parts is not None:
                 return parts
     parts = _parse_walk(buf, start, end)
+    length = end - start
     if len(_LAYOUTS) < _MAX_LAYOUT_LENGTHS and (candidates is None or len(candidates) < 4):
-        learned = _Layout.learn(buf, start, end)
-        if learned is not None:
-            _LAYOUTS.setdefault(end - start, []).append(learned)
+        # A layout learn() cannot take (a DESTROY event's short TCP protoinfo) comes back
+        # with every such event: after a few failures, try again only every
+        # _LEARN_RETRY_EVERY messages of that length, so that a learnable layout of the
+        # same length is still learned soon, without a failed learn per event meanwhile.
+        failures = _UNLEARNABLE.get(length, 0)
+        if failures < _LEARN_TRIES or failures % _LEARN_RETRY_EVERY == 0:
+            learned = _Layout.learn(buf, start, end)
+            if learned is not None:
+                _LAYOUTS.setdefault(length, []).append(learned)
+                _UNLEARNABLE.pop(length, None)
+                return parts
+        _UNLEARNABLE[length] = failures + 1
     return parts
 
 

@@ -30,7 +30,8 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Collection
+import types
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,16 @@ class ControlServer:
     A handler gets the request's ``args`` dict and returns something JSON can encode;
     raising :class:`CommandError` sends its message as the error, any other exception is
     logged and reported as an internal error. Nothing a client sends can stop the server.
+
+    Serving is callback-driven on the loop's own readiness callbacks rather than asyncio
+    streams: a monitoring client may poll a cheap command every few milliseconds while the
+    agent is busiest, and streams cost a task, a reader and a writer per connection. A
+    request that has arrived by the time its connection is accepted (the usual case: the
+    client sends right after ``connect``) is read at once; its handler runs at once until
+    it first suspends (as an eager task would), so a handler that never awaits anything
+    (``counts``, ``statistics``) is answered within the accept callback. A handler that
+    does suspend continues as a task. Handlers therefore must not rely on
+    ``asyncio.current_task()`` before their first ``await``.
     """
 
     def __init__(
@@ -121,8 +132,11 @@ class ControlServer:
         self.request_timeout = request_timeout
         self.stats = ControlStats()
         self._handlers: dict[str, Handler] = {}
-        self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._inode: tuple[int, int] | None = None
+        self._conns: set[_Connection] = set()  # waiting for their request or their reply
+        self._tasks: set[asyncio.Task[None]] = set()  # handlers that suspended
 
     def register(self, name: str, handler: Handler) -> None:
         if name in self._handlers:
@@ -138,17 +152,17 @@ class ControlServer:
     async def start(self) -> None:
         """Take the socket path and listen. Raises :class:`ControlSocketError` if another
         agent answers on it or the path is something other than a socket."""
-        if self._server is not None:
+        if self._sock is not None:
             raise RuntimeError("control server already started")
+        loop = asyncio.get_running_loop()
         sock = self._bind()
         try:
-            self._server = await asyncio.start_unix_server(
-                self._serve, sock=sock, limit=MAX_REQUEST
-            )
+            loop.add_reader(sock.fileno(), self._on_acceptable)
         except BaseException:
             sock.close()
             self._unlink()
             raise
+        self._sock, self._loop = sock, loop
         log.info("control socket listening on %s", self.path)
 
     def _bind(self) -> socket.socket:
@@ -184,10 +198,19 @@ class ControlServer:
         return sock
 
     async def close(self) -> None:
-        """Stop listening and remove the socket file (if it is still ours)."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        """Stop listening and remove the socket file (if it is still ours).
+
+        Connections still waiting for their request are closed; commands already running
+        finish and answer (or are cancelled with the loop)."""
+        sock, loop = self._sock, self._loop
+        self._sock = None
+        if sock is not None and loop is not None:
+            with contextlib.suppress(Exception):  # the loop may be closing already
+                loop.remove_reader(sock.fileno())
+            sock.close()
+        for conn in list(self._conns):
+            if conn.reading:
+                conn.close()
         self._unlink()
 
     def _unlink(self) -> None:
@@ -201,66 +224,262 @@ class ControlServer:
 
     # --- serving -----------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _on_acceptable(self) -> None:
+        # One connection per wakeup: the listening socket is level-triggered, so others
+        # come with the next loop iteration, and a lone poll costs no EAGAIN accept().
+        sock, loop = self._sock, self._loop
+        if sock is None or loop is None:
+            return
         try:
-            reply = await self._reply(reader, writer)
-            self.stats.requests += 1
-            writer.write(reply)
-            await writer.drain()
-        except (ConnectionError, OSError) as exc:
-            log.debug("control client went away: %s", exc)
+            client, _addr = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # EMFILE and the like: the client will time out
+            log.warning("control socket accept failed: %s", exc)
+            return
+        try:
+            _Connection(self, loop, client).start()
         except Exception:  # never into the loop's exception handler
             log.exception("control connection failed")
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            client.close()
 
     def _error(self, message: str, code: str) -> bytes:
         self.stats.errors += 1
         return encode_error(message, code)
 
-    async def _reply(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
-        sock = writer.get_extra_info("socket")
-        uid = _peer_uid(sock) if sock is not None else -1
-        if uid not in self.allowed_uids:
-            self.stats.denied += 1
-            log.warning("control request from uid %d refused", uid)
-            return self._error(
-                f"permission denied: uid {uid} may not control the agent", ERROR_DENIED
-            )
-        try:
-            line = await asyncio.wait_for(reader.readuntil(b"\n"), self.request_timeout)
-        except asyncio.IncompleteReadError as exc:
-            line = exc.partial  # EOF ends a request too
-        except asyncio.LimitOverrunError:
-            return self._error(f"request too large (limit {MAX_REQUEST} bytes)", ERROR_TOO_LARGE)
-        except TimeoutError:
-            return self._error(f"no request within {self.request_timeout}s", ERROR_TIMEOUT)
+    def _dispatch(self, conn: _Connection, line: bytes) -> None:
+        """Decode a request and answer it: at once, or from a task if the handler waits."""
         try:
             request = decode_request(line)
         except ProtocolError as exc:
-            return self._error(str(exc), exc.code)
+            conn.reply(self._error(str(exc), exc.code))
+            return
         handler = self._handlers.get(request.command)
         if handler is None:
-            return self._error(
-                f"unknown command {request.command!r} (known: {', '.join(self.commands)})",
-                ERROR_UNKNOWN_COMMAND,
+            conn.reply(
+                self._error(
+                    f"unknown command {request.command!r} (known: {', '.join(self.commands)})",
+                    ERROR_UNKNOWN_COMMAND,
+                )
             )
+            return
         try:
-            result = await handler(request.args)
-        except CommandError as exc:
-            return self._error(str(exc), ERROR_FAILED)
+            awaitable = handler(request.args)
+            coro: Coroutine[Any, Any, Any] = (
+                awaitable if isinstance(awaitable, Coroutine) else _as_coroutine(awaitable)
+            )
+        except Exception as exc:  # the handler failed before it even started
+            conn.reply(self._failure(request.command, exc))
+            return
+        try:
+            first = coro.send(None)
+        except StopIteration as done:
+            conn.reply(self._result(request.command, done.value))
+            return
         except Exception as exc:
-            log.exception("control command %r failed", request.command)
-            return self._error(f"{request.command}: internal error: {exc!r}", ERROR_FAILED)
+            conn.reply(self._failure(request.command, exc))
+            return
+        # It waits for something: continue it as a task, from where it stopped.
+        assert self._loop is not None
+        task = self._loop.create_task(self._finish(conn, request.command, coro, first))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _finish(
+        self, conn: _Connection, command: str, coro: Coroutine[Any, Any, Any], first: Any
+    ) -> None:
+        try:
+            result = await _resume(coro, first)
+        except Exception as exc:
+            conn.reply(self._failure(command, exc))
+        else:
+            conn.reply(self._result(command, result))
+
+    def _failure(self, command: str, exc: Exception) -> bytes:
+        if isinstance(exc, CommandError):
+            return self._error(str(exc), ERROR_FAILED)
+        log.error("control command %r failed", command, exc_info=exc)
+        return self._error(f"{command}: internal error: {exc!r}", ERROR_FAILED)
+
+    def _result(self, command: str, result: Any) -> bytes:
         try:
             return encode_ok(result)
         except (TypeError, ValueError) as exc:
-            log.error(
-                "control command %r returned a value JSON cannot encode: %s", request.command, exc
+            log.error("control command %r returned a value JSON cannot encode: %s", command, exc)
+            return self._error(f"{command}: result cannot be encoded", ERROR_FAILED)
+
+
+_RECV_SIZE = 65536
+
+
+async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], first: Any) -> Generator[Any, Any, Any]:
+    """Await a coroutine that was already started and yielded ``first`` (what
+    ``yield from`` does, PEP 380, minus the first ``send``): the task that awaits this
+    waits on what the coroutine waits on, and forwards results, exceptions and
+    cancellation to it."""
+    pending = first
+    while True:
+        try:
+            sent = yield pending
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # CancelledError included: forwarded, not swallowed
+            try:
+                pending = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                pending = coro.send(sent)
+            except StopIteration as done:
+                return done.value
+
+
+class _Connection:
+    """One client connection: its request is read, answered, and the socket closed."""
+
+    def __init__(
+        self, server: ControlServer, loop: asyncio.AbstractEventLoop, sock: socket.socket
+    ) -> None:
+        self.server = server
+        self.loop = loop
+        self.sock = sock
+        self.reading = True
+        self._buf = bytearray()
+        self._timer: asyncio.TimerHandle | None = None
+        self._watching = False  # a reader or writer callback is registered
+        self._out: memoryview | None = None
+
+    def start(self) -> None:
+        sock = self.sock
+        sock.setblocking(False)
+        server = self.server
+        server._conns.add(self)
+        try:
+            uid = _peer_uid(sock)
+        except OSError:
+            uid = -1
+        if uid not in server.allowed_uids:
+            server.stats.denied += 1
+            log.warning("control request from uid %d refused", uid)
+            self.reply(
+                server._error(
+                    f"permission denied: uid {uid} may not control the agent", ERROR_DENIED
+                )
             )
-            return self._error(f"{request.command}: result cannot be encoded", ERROR_FAILED)
+            return
+        if self._read():
+            return
+        # Not all there yet: wait for the rest, for at most request_timeout.
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+        self._watching = True
+        self._timer = self.loop.call_later(server.request_timeout, self._on_timeout)
+
+    def _on_readable(self) -> None:
+        try:
+            self._read()
+        except Exception:  # never into the loop's exception handler
+            log.exception("control connection failed")
+            self.close()
+
+    def _read(self) -> bool:
+        """Read what is there; True once the request is complete (and dispatched) or the
+        connection is done with."""
+        buf = self._buf
+        while True:
+            try:
+                chunk = self.sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                log.debug("control client went away: %s", exc)
+                self.close()
+                return True
+            end = chunk.find(b"\n")
+            if end >= 0:
+                buf += chunk[: end + 1]
+            else:
+                buf += chunk
+            # As a stream reader limited to MAX_REQUEST: a line beyond it is refused.
+            if len(buf) > MAX_REQUEST + (1 if end >= 0 else 0):
+                server = self.server
+                limit = f"request too large (limit {MAX_REQUEST} bytes)"
+                self._request_done()
+                self.reply(server._error(limit, ERROR_TOO_LARGE))
+                return True
+            if end >= 0 or not chunk:  # a newline, or EOF: that is the request
+                self._request_done()
+                self.server._dispatch(self, bytes(buf))
+                return True
+
+    def _request_done(self) -> None:
+        self.reading = False
+        self._unwatch()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self.reading:
+            self._request_done()
+            timeout = self.server.request_timeout
+            self.reply(self.server._error(f"no request within {timeout}s", ERROR_TIMEOUT))
+
+    def reply(self, data: bytes) -> None:
+        """Send the reply, then close (in the background if the client reads slowly)."""
+        self.reading = False
+        self.server.stats.requests += 1
+        self._out = memoryview(data)
+        self._write()
+
+    def _write(self) -> None:
+        out = self._out
+        while out:
+            try:
+                sent = self.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                if not self._watching:
+                    self.loop.add_writer(self.sock.fileno(), self._on_writable)
+                    self._watching = True
+                self._out = out
+                return
+            except OSError as exc:
+                log.debug("control client went away: %s", exc)
+                break
+            out = out[sent:]
+        self.close()
+
+    def _on_writable(self) -> None:
+        try:
+            self._write()
+        except Exception:
+            log.exception("control connection failed")
+            self.close()
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            fd = self.sock.fileno()
+            if fd >= 0 and not self.loop.is_closed():
+                self.loop.remove_reader(fd)
+                self.loop.remove_writer(fd)
+
+    def close(self) -> None:
+        self.reading = False
+        self._out = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._unwatch()
+        self.sock.close()
+        self.server._conns.discard(self)
 
 
 __all__ = [

@@ -177,3 +177,43 @@ def test_a_timeout_only_change_is_not_news() -> None:
     assert entry.timeout == 431999
     assert cache.update(event(tcp(timeout=120, mark=3))) is Change.UPDATED
     assert next(iter(cache.entries())).timeout == 120
+
+
+def test_digest_equals_a_recount_after_any_mix_of_changes() -> None:
+    """The event path computes the digest inline: it must stay the XOR of
+    ``entry_checksum`` per bucket, exactly (peers compare it with their own)."""
+    import random
+
+    from ctsync.core.cache import entry_checksum
+
+    rng = random.Random(7)
+    cache = Cache("internal", digest=True)
+    for _ in range(3000):
+        sport = rng.randrange(1, 200)
+        op = rng.random()
+        if op < 0.5:
+            cache.update(event(tcp(sport=sport, mark=rng.randrange(4))))
+        elif op < 0.6:
+            cache.update(event(tcp(sport=sport, state=TcpState.TIME_WAIT, mark=1)))
+        elif op < 0.85:
+            cache.destroy(event(tcp(sport=sport))[0])
+        else:
+            cache.put(*record.from_entry(tcp(sport=sport, mark=rng.randrange(4), id=9)))
+    recount = [0] * DIGEST_BUCKETS
+    for key, value in cache.items():
+        recount[bucket_of(key)] ^= entry_checksum(key, value)
+    assert len(cache) > 50
+    assert cache.digest == recount
+
+
+def test_getter_reads_the_live_entries_across_clears() -> None:
+    cache = Cache("internal")
+    get = cache.getter()
+    parts = event(tcp())
+    assert get(parts[0]) is None
+    cache.update(parts)
+    assert get(parts[0]) == cache.get(parts[0]) is not None
+    cache.clear()
+    assert get(parts[0]) is None
+    cache.update(parts)
+    assert get(parts[0]) == cache.get(parts[0])

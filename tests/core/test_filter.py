@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ctsync.core import record
 from ctsync.core.entry import (
@@ -100,3 +104,34 @@ def test_empty_filter_accepts_everything() -> None:
     f = EntryFilter.build()
     assert f.accepts_all
     assert f.accepts(*rec(tcp_entry("198.51.100.1", "203.0.113.1", TcpState.CLOSE)))
+
+
+_v4 = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address)
+_v6 = st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address)
+
+
+@st.composite
+def _networks(draw: st.DrawFn) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if draw(st.booleans()):
+        return ipaddress.ip_network(f"{draw(_v4)}/{draw(st.integers(0, 32))}", strict=False)
+    return ipaddress.ip_network(f"{draw(_v6)}/{draw(st.integers(0, 128))}", strict=False)
+
+
+@given(
+    st.lists(_networks(), max_size=6),
+    st.lists(st.one_of(_v4, _v6), min_size=1, max_size=10),
+    st.data(),
+)
+@settings(max_examples=300, deadline=None)
+def test_address_ignored_matches_ipaddress(
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
+    data: st.DataObject,
+) -> None:
+    """The compiled prefix sets (byte-aligned and shifted) answer as ipaddress does,
+    /0 and host routes included; addresses inside some network are drawn too."""
+    inside = [net[data.draw(st.integers(0, net.num_addresses - 1))] for net in networks]
+    f = EntryFilter.build(ignore_addresses=[str(n) for n in networks])
+    for address in [*addresses, *inside]:
+        expected = any(address.version == n.version and address in n for n in networks)
+        assert f.address_ignored(address.packed) is expected, (address, networks)

@@ -117,6 +117,7 @@ def test_a_tcp_event_takes_the_fast_path() -> None:
                   protoinfo=info, synproxy=Synproxy(0, 0, 0))  # fmt: skip
     body = nl.encode_entry_attrs(entry)
     r._LAYOUTS.clear()
+    r._UNLEARNABLE.clear()
     r.parse_ct(body, 0, len(body))
     (layout,) = r._LAYOUTS[len(body)]
     other = nl.encode_entry_attrs(replace(entry, mark=5, id=9))

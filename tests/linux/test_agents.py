@@ -765,7 +765,18 @@ def test_inject_mode_restart_does_not_claim_peer_entries(
         )
     cluster.kill(1)
     cluster.start(1)
-    wait_until(lambda: not cluster.count_divergence([1, 2]), 20, "the restart to settle")
     # fw1's kernel holds fw2's 50 entries because fw1 injected them; they are not fw1's.
-    claimed = set(cluster.internal(1)) & {f.key for f in own[2]}
+    # Reading its kernel back, fw1 claims them for a moment; fw2, which kept running, must
+    # keep them, and fw1 must give them up (without the epoch rule both sides could give
+    # up on each other's claim, and fw1 would end up owning fw2's connections).
+    fw2_keys = {f.key for f in own[2]}
+    wait_until(
+        lambda: not cluster.count_divergence([1, 2]) and not set(cluster.internal(1)) & fw2_keys,
+        20,
+        "the restart to settle with fw1 claiming none of fw2's connections",
+    )
+    time.sleep(1.0)  # a few more sync rounds: the settled state holds
+    claimed = set(cluster.internal(1)) & fw2_keys
     assert not claimed, f"fw1 announces {len(claimed)} of fw2's connections as its own"
+    kept = set(cluster.internal(2)) & fw2_keys
+    assert kept == fw2_keys, f"fw2 gave up {len(fw2_keys - kept)} of its own connections"

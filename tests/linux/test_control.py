@@ -15,6 +15,7 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -278,3 +279,66 @@ def test_stale_socket_is_replaced_and_other_files_are_not(sock_dir: Path) -> Non
 
     asyncio.run(start_on_file())
     assert path.read_text() == "not a socket"
+
+
+def test_waiting_handlers_large_replies_and_concurrent_requests(sock_dir: Path) -> None:
+    """Handlers run at once until they first wait; one that waits continues as a task
+    (results, CommandError and crashes after the wait are answered as before) while
+    other requests are served; a reply larger than the socket buffer reaches a slow
+    reader whole."""
+    path = sock_dir / "ctsync.sock"
+    release = asyncio.Event()
+    big = "x" * (4 << 20)
+
+    async def slow(args: dict[str, Any]) -> Any:
+        await release.wait()
+        return {"slow": args}
+
+    async def slow_fail(args: dict[str, Any]) -> Any:
+        await asyncio.sleep(0.01)
+        raise CommandError("failed after waiting")
+
+    async def slow_crash(args: dict[str, Any]) -> Any:
+        await asyncio.sleep(0)
+        raise RuntimeError("late bug")
+
+    async def large(args: dict[str, Any]) -> Any:
+        return {"blob": big}
+
+    def slow_reader() -> int:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(path))
+            sock.sendall(b'{"command": "large"}\n')
+            size = 0
+            while chunk := sock.recv(4096):
+                size += len(chunk)
+                if size < (1 << 20):
+                    time.sleep(0.001)  # let the server meet a full socket buffer
+            return size
+
+    async def body(server: ControlServer) -> None:
+        server.register("slow", slow)
+        server.register("slow_fail", slow_fail)
+        server.register("slow_crash", slow_crash)
+        server.register("large", large)
+        pending = asyncio.ensure_future(asyncio.to_thread(call, path, "slow", {"n": 1}))
+        await asyncio.sleep(0.1)
+        assert not pending.done()
+        # the waiting command does not hold up the others
+        assert await asyncio.to_thread(call, path, "echo", {"fast": 1}) == {"fast": 1}
+        assert not pending.done()
+        release.set()
+        assert await pending == {"slow": {"n": 1}}
+        with pytest.raises(AgentError, match="failed after waiting"):
+            await asyncio.to_thread(call, path, "slow_fail")
+        with pytest.raises(AgentError, match="slow_crash: internal error"):
+            await asyncio.to_thread(call, path, "slow_crash")
+        size = await asyncio.to_thread(slow_reader)
+        whole = json.dumps({"ok": True, "result": {"blob": big}}, separators=(",", ":"))
+        assert size == len(whole) + 1
+        reply = await asyncio.to_thread(call, path, "large")
+        assert reply == {"blob": big}
+        assert server.stats.requests == 6
+
+    run_with_server(path, body)

@@ -39,7 +39,7 @@ Choices where docs/wire-protocol.md is silent:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -68,6 +68,7 @@ NONCES_KEPT: Final = 32  # our recent HELLO nonces a peer may echo
 MAX_NACK_RANGES: Final = 100  # ~11 bytes each: one ACK stays well under the MTU
 TAIL_PROBE_ACKS: Final = 4  # ALIVE after this many ack intervals while DATA is unacked
 _DESTROY_OVERHEAD: Final = 5  # msgpack bin header of a key in ``destroys``, rounded up
+_ENTRY_OVERHEAD: Final = wire.entry_size(b"", b"")  # per [key, value] pair, beyond the bytes
 
 ExternalHook = Callable[[int, Change, bytes, bytes | None], None]
 _INF: Final = math.inf
@@ -129,6 +130,7 @@ class SyncSession:
         self.stats = SyncStats()
         self.on_external_change: ExternalHook | None = None
         self._auth = auth
+        self._encode = wire.Encoder(auth).encode
         self._random = random_bytes
         self._out: list[bytes] = []
         self._packet = 0
@@ -155,10 +157,10 @@ class SyncSession:
 
     def flush(self, now: float) -> None:
         """Send every dirty key now, with its current value (absent = destroyed)."""
-        if not self._dirty:
+        keys = self._dirty
+        if not keys:
             return
-        keys = list(self._dirty)
-        self._dirty.clear()
+        self._dirty = {}
         self._send_keys(keys, now)
 
     def request_resync(self, now: float) -> None:
@@ -301,14 +303,14 @@ class SyncSession:
 
     def _emit(self, mtype: MsgType, payload: list[Any]) -> None:
         self._packet += 1
-        data = wire.encode(self._auth, mtype, self.node_id, self.epoch, self._packet, payload)
+        data = self._encode(mtype, self.node_id, self.epoch, self._packet, payload)
         self._out.append(data)
         self.stats.datagrams_sent += 1
         self.stats.bytes_sent += len(data)
 
     def _send_keys(
         self,
-        keys: Sequence[bytes],
+        keys: Iterable[bytes],
         now: float,
         *,
         bulk: bool = False,
@@ -320,13 +322,16 @@ class SyncSession:
         an empty cache); ``buckets`` makes a repair: every datagram is flagged REPAIR and
         the first lists the buckets to clear. A record larger than a datagram travels alone.
         """
+        # Per key this is the sender's hot loop: locals only, entry_size inlined, updates
+        # as (key, value) tuples (msgpack packs a tuple as the same array as a list).
         room = self.config.max_datagram - wire.DATA_OVERHEAD
-        get = self.internal.get
+        get = self.internal.getter()
         repair = buckets is not None
-        chunks: list[tuple[list[bytes], list[list[bytes]], list[bytes]]] = []
+        chunks: list[tuple[list[bytes], list[tuple[bytes, bytes]], list[bytes]]] = []
         cur_keys: list[bytes] = []
-        updates: list[list[bytes]] = []
+        updates: list[tuple[bytes, bytes]] = []
         destroys: list[bytes] = []
+        add_key = cur_keys.append
         budget = room - (3 + 2 * len(buckets) if buckets else 0)
         size = 0
         for key in keys:
@@ -336,15 +341,16 @@ class SyncSession:
                     continue  # the bucket clear covers it
                 n = len(key) + _DESTROY_OVERHEAD
             else:
-                n = wire.entry_size(key, value)
-            if cur_keys and size + n > budget:
+                n = len(key) + len(value) + _ENTRY_OVERHEAD
+            if size + n > budget and cur_keys:
                 chunks.append((cur_keys, updates, destroys))
                 cur_keys, updates, destroys, size, budget = [], [], [], 0, room
-            cur_keys.append(key)
+                add_key = cur_keys.append
+            add_key(key)
             if value is None:
                 destroys.append(key)
             else:
-                updates.append([key, value])
+                updates.append((key, value))
             size += n
         if cur_keys or not chunks:
             chunks.append((cur_keys, updates, destroys))
@@ -404,13 +410,13 @@ class SyncSession:
         if sent is None or now - sent.resent_at < self.config.nack_min_interval:
             return
         sent.resent_at = now
-        get = self.internal.get
-        updates: list[list[bytes]] = []
+        get = self.internal.getter()
+        updates: list[tuple[bytes, bytes]] = []
         destroys: list[bytes] = []
         for key in sent.keys:
             value = get(key)
             if value is not None:
-                updates.append([key, value])
+                updates.append((key, value))
             elif not sent.flags & DATA_REPAIR:
                 destroys.append(key)
         tail: list[Any] = list(sent.buckets) if sent.flags & DATA_REPAIR else destroys
