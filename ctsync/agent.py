@@ -72,6 +72,23 @@ log = logging.getLogger("ctsync.agent")
 
 # How long kernel changes may wait to share a datagram with the next ones (seconds).
 FLUSH_DELAY = 0.001
+# Full transfers and repairs: one line each time (they are rare), with the total.
+_TRANSFER_EVENTS = (
+    ("bulk_sent", "sent a full transfer of the internal cache"),
+    ("bulk_received", "received a full transfer from a peer"),
+    ("resyncs_sent", "asked the peers for a full transfer"),
+    ("repairs_sent", "sent a repair for buckets a peer's digest disagreed on"),
+)
+# Dropped datagrams are logged per class at most this often (seconds).
+DROP_LOG_EVERY = 60.0
+_DROPPED_CLASSES = (
+    ("auth_failed", "sync datagram(s) that failed authentication (wrong key, or forged)"),
+    ("replayed", "replayed or too old sync datagram(s)"),
+    ("malformed", "malformed sync datagram(s)"),
+    ("version", "sync datagram(s) of another protocol version"),
+    ("unknown_type", "sync datagram(s) of an unknown message type"),
+    ("queue_overflow", "entries from the full resend queue (the digests repair them)"),
+)
 
 
 class Agent:
@@ -132,6 +149,9 @@ class Agent:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._duplicates_logged = 0
+        self._peers_logged: dict[int, bool] = {}
+        self._drops_logged: dict[str, tuple[int, float]] = {}
+        self._events_logged: dict[str, int] = {}
         self._flush_scheduled = False
         self._timer_deadline = 0.0
         failover = config.failover
@@ -296,6 +316,39 @@ class Agent:
                         self.config.node_id,
                     )
                 self._duplicates_logged = duplicates
+            self._log_changes(loop.time())
+
+    def _log_changes(self, now: float) -> None:
+        """Peer up/down once per change; dropped datagrams once per class and at most every
+        DROP_LOG_EVERY seconds with the count since the last line: never a line per packet."""
+        for node, peer in self.session.peers.items():
+            was = self._peers_logged.get(node)
+            if was == peer.up:
+                continue
+            self._peers_logged[node] = peer.up
+            if peer.up:
+                log.info("peer node %d is up (epoch %d)", node, peer.epoch)
+            elif was is not None:
+                log.warning(
+                    "peer node %d is down: nothing heard for %.1fs",
+                    node,
+                    now - peer.last_heard,
+                )
+        stats = self.session.stats
+        for name, what in _TRANSFER_EVENTS:
+            count = getattr(stats, name)
+            logged = self._events_logged.get(name, 0)
+            if count > logged:
+                self._events_logged[name] = count
+                log.info("%s (%d since start)", what, count)
+        for name, why in _DROPPED_CLASSES:
+            count = getattr(stats, name)
+            logged, at = self._drops_logged.get(name, (0, -DROP_LOG_EVERY))
+            if count > logged and now - at >= DROP_LOG_EVERY:
+                self._drops_logged[name] = (count, now)
+                log.warning(
+                    "dropped %d %s (%d in all; see show statistics)", count - logged, why, count
+                )
 
     async def _watchdog(self, period: float) -> None:
         while True:

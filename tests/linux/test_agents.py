@@ -653,6 +653,12 @@ def test_node_with_wrong_key_injects_nothing(
     commit = cluster.ctl(2, "commit")
     assert commit["failed"] == 0 and commit["committed"] == 1000
     assert not kernel_entries(cluster[2].ns).keys() & intruder_keys
+    # Logged once per class with its count (and at most once a minute), never per packet;
+    # peers coming up are logged too.
+    log1 = cluster.output(1)
+    drops = [line for line in log1.splitlines() if "failed authentication" in line]
+    assert len(drops) == 1, drops
+    assert "peer node 2 is up" in log1
 
 
 def test_replayed_datagrams_are_rejected(
