@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import pickle
@@ -30,6 +31,11 @@ _LEN = struct.Struct("=Q")
 _PR_SET_PDEATHSIG = 1
 # Below this many records one process is as fast (the hand-off costs ~1 ms).
 MIN_SPLIT = 2048
+# Records per hand-off frame to the worker (~110 KB pickled; the pipe is enlarged to hold
+# several, so that our writes do not wait for the worker while it commits).
+CHUNK = 4096
+_F_SETPIPE_SZ = 1031
+_PIPE_SIZE = 1 << 20
 
 
 def _write_frame(fd: int, payload: bytes) -> None:
@@ -66,10 +72,14 @@ def _worker_main(requests: int, replies: int, batch: int) -> None:
             signal.signal(sig, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         committer = Committer(batch=batch)
+        total: CommitResult | None = None
         while (frame := _read_frame(requests)) is not None:
-            records, timeout = pickle.loads(frame)
+            records, timeout, last = pickle.loads(frame)
             result = committer.commit_records(records, timeout, expectations=False)
-            _write_frame(replies, pickle.dumps(result))
+            total = result if total is None else _chain(total, result)
+            if last:
+                _write_frame(replies, pickle.dumps(total))
+                total = None
     except BaseException:  # the child must never return into the caller's code
         status = 1
     finally:
@@ -91,6 +101,8 @@ class CommitPool:
     def _fork(self, batch: int) -> None:
         to_child_r, to_child_w = os.pipe()
         to_parent_r, to_parent_w = os.pipe()
+        with contextlib.suppress(OSError):  # up to /proc/sys/fs/pipe-max-size (1 MiB)
+            fcntl.fcntl(to_child_w, _F_SETPIPE_SZ, _PIPE_SIZE)
         pid = os.fork()
         if pid == 0:  # child
             os.close(to_child_w)
@@ -113,18 +125,36 @@ class CommitPool:
         if self.worker_pid is None or len(items) < MIN_SPLIT:
             return self.local.commit_records(items, timeout)
         half = len(items) // 2
-        try:
-            _write_frame(self._requests, pickle.dumps((items[half:], timeout), protocol=5))
-        except OSError as exc:
-            self._lost_worker(f"cannot reach the commit worker: {exc}")
-            return self.local.commit_records(items, timeout)
-        mine = self.local.commit_records(items[:half], timeout, expectations=False)
-        frame = _read_frame(self._replies)
-        if frame is None:
-            self._lost_worker("the commit worker died during a commit")
-            theirs = self.local.commit_records(items[half:], timeout, expectations=False)
-        else:
-            theirs = pickle.loads(frame)
+        # The worker's half goes in chunks, each sent between two of our own, so that the
+        # worker starts after one small chunk instead of after the whole half is pickled
+        # (~20 ms per 50k records, when the kernel would otherwise sit idle).
+        theirs_chunks = [items[i : i + CHUNK] for i in range(half, len(items), CHUNK)]
+        mine_chunks = [items[i : min(i + CHUNK, half)] for i in range(0, half, CHUNK)]
+        mine = CommitResult()
+        theirs: CommitResult | None = None
+        for index in range(max(len(theirs_chunks), len(mine_chunks))):
+            if index < len(theirs_chunks):
+                chunk = (theirs_chunks[index], timeout, index == len(theirs_chunks) - 1)
+                try:
+                    _write_frame(self._requests, pickle.dumps(chunk, protocol=5))
+                except OSError as exc:
+                    self._lost_worker(f"cannot reach the commit worker: {exc}")
+                    # Ours not done yet, and all of the worker's (committing a record
+                    # twice is an update): in this process.
+                    rest = [r for c in mine_chunks[index:] for r in c] + items[half:]
+                    done = self.local.commit_records(rest, timeout, expectations=False)
+                    mine, theirs = _chain(mine, done), CommitResult()
+                    break
+            if index < len(mine_chunks):
+                done = self.local.commit_records(mine_chunks[index], timeout, expectations=False)
+                mine = _chain(mine, done)
+        if theirs is None:
+            frame = _read_frame(self._replies)
+            if frame is None:
+                self._lost_worker("the commit worker died during a commit")
+                theirs = self.local.commit_records(items[half:], timeout, expectations=False)
+            else:
+                theirs = pickle.loads(frame)
         total = _add(mine, theirs)
         deferred = mine.deferred + theirs.deferred
         if deferred:  # after every master, whichever process committed it
@@ -170,4 +200,12 @@ def _add(a: CommitResult, b: CommitResult) -> CommitResult:
         expect_failed=a.expect_failed + b.expect_failed,
     )
     total.errors = a.errors + b.errors
+    return total
+
+
+def _chain(a: CommitResult, b: CommitResult) -> CommitResult:
+    """Two commits one after the other in one process: times add up."""
+    total = _add(a, b)
+    total.seconds = a.seconds + b.seconds
+    total.deferred = a.deferred + b.deferred
     return total

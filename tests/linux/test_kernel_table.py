@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -39,7 +40,7 @@ from ctsync.core.entry import (
     make_tuple,
 )
 from ctsync.io import netlink
-from ctsync.io.commit_pool import MIN_SPLIT, CommitPool
+from ctsync.io.commit_pool import CHUNK, MIN_SPLIT, CommitPool
 from ctsync.io.netlink import Committer, KernelTable
 from tests.linux.netns import (
     CLIENT_V4,
@@ -512,6 +513,30 @@ def test_sockets_stay_in_their_namespace(ct_netns: Namespace, empty_ns: Namespac
 
 
 # --- two-process commit ------------------------------------------------------------------
+
+
+def test_commit_pool_hands_its_worker_several_chunks(empty_ns: Namespace) -> None:
+    """Both halves in several chunks (the worker's interleaved with ours): every record
+    in, counted once; with the worker gone mid-way the rest is committed here."""
+    entries = [synthetic(i, mark=i % 7) for i in range(6 * CHUNK + 123)]
+    records = [record.from_entry(e) for e in entries]
+    with in_netns(empty_ns.name), CommitPool() as pool:
+        result = pool.commit_records(records)
+        assert (result.attempted, result.committed, result.failed) == (
+            len(records),
+            len(records),
+            0,
+        )
+        assert set(kernel_records()) == {k for k, _ in records}
+        pool.local.flush()
+        assert pool.worker_pid is not None
+        # Kill the worker once it has read its first chunk (a frame of its own).
+        os.kill(pool.worker_pid, signal.SIGSTOP)
+        threading.Timer(0.05, os.kill, (pool.worker_pid, signal.SIGKILL)).start()
+        again = pool.commit_records(records)
+        assert (again.committed, again.failed) == (len(records), 0)
+        assert pool.worker_pid is None
+        assert netlink.count_entries() == len(records)
 
 
 def test_commit_pool_splits_across_a_worker_and_survives_its_death(empty_ns: Namespace) -> None:
