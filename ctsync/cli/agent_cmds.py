@@ -96,8 +96,9 @@ def commit_cmd(socket_path: str, as_json: bool) -> None:
         click.echo(_json(result))
     else:
         click.echo(format_commit(result))
-    if result["failed"]:
-        raise SystemExit(1)
+    code = exit_status("commit", result)
+    if code:
+        raise SystemExit(code)
 
 
 @click.command("flush", epilog=EPILOG)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -23,14 +22,13 @@ from typing import Any, TypeVar
 import click
 
 from ctsync.cli.errors import CliError, describe_os_error
-from ctsync.cli.options import EPILOG, _parsed, build_selector, selection_options
+from ctsync.cli.options import EPILOG, FAMILIES, build_selector, parsed, selection_options
 from ctsync.core import connections as conns
 from ctsync.core.entry import CtTuple, Entry, proto_name
 from ctsync.core.routeros import FLAGS_LEGEND, flag_letters, format_duration, format_quantity
 from ctsync.core.select import EntryFilter, parse_network
 from ctsync.io.sysctl import Sysctls
 
-FAMILIES: dict[str, int] = {"ipv4": int(socket.AF_INET), "ipv6": int(socket.AF_INET6)}
 MAX_INTERVAL = 3600.0
 ACCT_SYSCTL = "nf_conntrack_acct"
 ACCOUNTING_NOTE = (
@@ -186,14 +184,14 @@ _EXTRA_FILTERS = [
         "-r",
         "--reply-src",
         metavar="ADDR[/PREFIX]",
-        callback=_parsed(parse_network),
+        callback=parsed(parse_network),
         help="Reply source (the translated destination of a DNAT).",
     ),
     click.option(
         "-q",
         "--reply-dst",
         metavar="ADDR[/PREFIX]",
-        callback=_parsed(parse_network),
+        callback=parsed(parse_network),
         help="Reply destination (the translated source of a SNAT).",
     ),
     click.option(

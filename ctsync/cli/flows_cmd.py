@@ -13,16 +13,13 @@ import json
 import re
 import signal
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
 
 import click
 
 from ctsync.cli.errors import CliError, describe_os_error
-from ctsync.cli.options import EPILOG
-from ctsync.core.entry import AF_INET, AF_INET6
+from ctsync.cli.options import EPILOG, FAMILIES, parsed, parsed_each
 from ctsync.core.flows import (
     DEFAULT_COLLAPSE_ABOVE,
     NFT_POLICIES,
@@ -44,14 +41,10 @@ from ctsync.core.select import (
     parse_zone,
 )
 
-T = TypeVar("T")
-
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-FAMILIES = {"ipv4": AF_INET, "ipv6": AF_INET6}
 
 
 def parse_duration(text: str) -> float:
@@ -66,30 +59,6 @@ def parse_duration(text: str) -> float:
     if total <= 0:
         raise ValueError(f"{text!r} is not a positive duration")
     return total
-
-
-def _one(parse: Callable[[str], T]) -> Callable[[click.Context, click.Parameter, Any], T | None]:
-    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> T | None:
-        if value is None:
-            return None
-        try:
-            return parse(str(value))
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-
-    return callback
-
-
-def _each(
-    parse: Callable[[str], T],
-) -> Callable[[click.Context, click.Parameter, Any], tuple[T, ...]]:
-    def callback(ctx: click.Context, param: click.Parameter, values: Any) -> tuple[T, ...]:
-        try:
-            return tuple(parse(str(v)) for v in values or ())
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-
-    return callback
 
 
 def build_filter(
@@ -128,7 +97,7 @@ def render(summary: Summary, fmt: str, *, nft_table: str, nft_policy: str) -> st
     "-t",
     "--duration",
     metavar="DURATION",
-    callback=_one(parse_duration),
+    callback=parsed(parse_duration),
     help="Observe this long (30s, 5m, 1h, 1m30s); default: until SIGINT (Ctrl-C) or SIGTERM.",
 )
 @click.option(
@@ -152,7 +121,7 @@ def render(summary: Summary, fmt: str, *, nft_table: str, nft_policy: str) -> st
     "protos",
     metavar="PROTO",
     multiple=True,
-    callback=_each(parse_proto),
+    callback=parsed_each(parse_proto),
     help="Only this protocol: name (tcp, udp, icmp, ...) or number (repeatable).",
 )
 @click.option(
@@ -160,7 +129,7 @@ def render(summary: Summary, fmt: str, *, nft_table: str, nft_policy: str) -> st
     "--src",
     metavar="ADDR[/PREFIX]",
     multiple=True,
-    callback=_each(parse_network),
+    callback=parsed_each(parse_network),
     help="Only original sources in this prefix (repeatable: any of them).",
 )
 @click.option(
@@ -168,7 +137,7 @@ def render(summary: Summary, fmt: str, *, nft_table: str, nft_policy: str) -> st
     "--dst",
     metavar="ADDR[/PREFIX]",
     multiple=True,
-    callback=_each(parse_network),
+    callback=parsed_each(parse_network),
     help="Only original destinations (before DNAT) in this prefix (repeatable).",
 )
 @click.option(
@@ -176,21 +145,21 @@ def render(summary: Summary, fmt: str, *, nft_table: str, nft_policy: str) -> st
     "dports",
     metavar="PORT",
     multiple=True,
-    callback=_each(parse_port),
+    callback=parsed_each(parse_port),
     help="Only this original destination port (repeatable).",
 )
 @click.option(
     "-w",
     "--zone",
     metavar="ZONE",
-    callback=_one(parse_zone),
+    callback=parsed(parse_zone),
     help="Only this conntrack zone (no zone = zone 0).",
 )
 @click.option(
     "-m",
     "--mark",
     metavar="MARK[/MASK]",
-    callback=_one(parse_mark),
+    callback=parsed(parse_mark),
     help="Only connections whose mark & MASK == MARK.",
 )
 @click.option(
@@ -198,7 +167,7 @@ def render(summary: Summary, fmt: str, *, nft_table: str, nft_policy: str) -> st
     "--exclude",
     metavar="ADDR[/PREFIX]",
     multiple=True,
-    callback=_each(parse_network),
+    callback=parsed_each(parse_network),
     help="Leave out connections from or to this prefix (repeatable), e.g. the sync link.",
 )
 @click.option(

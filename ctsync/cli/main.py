@@ -22,7 +22,6 @@ replace (:data:`_dump_table`), and print what the pure renderers in
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Sequence
 
 import click
@@ -36,6 +35,7 @@ from ctsync.cli.flows_cmd import flows_cmd
 from ctsync.cli.options import (
     CONTEXT_SETTINGS,
     EPILOG,
+    FAMILIES,
     build_selector,
     network_text,
     selection_options,
@@ -48,8 +48,6 @@ from ctsync.core.select import IPNetwork
 
 DumpTable = Callable[[int], Sequence[Entry]]
 """Reads the kernel conntrack table of one address family (AF_INET or AF_INET6)."""
-
-FAMILIES: dict[str, int] = {"ipv4": int(socket.AF_INET), "ipv6": int(socket.AF_INET6)}
 
 
 def _netlink_dump_table(family: int) -> Sequence[Entry]:

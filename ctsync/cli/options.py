@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import click
 
 from ctsync.cli.errors import EXIT_CODES_HELP
+from ctsync.core.entry import AF_INET, AF_INET6
 from ctsync.core.select import (
     U32_MAX,
     EntryFilter,
@@ -23,7 +24,7 @@ from ctsync.core.select import (
 T = TypeVar("T")
 
 
-def _parsed(parse: Callable[[str], T]) -> Callable[[click.Context, click.Parameter, Any], T | None]:
+def parsed(parse: Callable[[str], T]) -> Callable[[click.Context, click.Parameter, Any], T | None]:
     """A click callback around a parser that raises ValueError (-> usage error, exit 2).
 
     Callbacks rather than ``click.ParamType`` subclasses: ParamType became generic in click
@@ -41,9 +42,26 @@ def _parsed(parse: Callable[[str], T]) -> Callable[[click.Context, click.Paramet
     return callback
 
 
+def parsed_each(
+    parse: Callable[[str], T],
+) -> Callable[[click.Context, click.Parameter, Any], tuple[T, ...]]:
+    """:func:`parsed` for a ``multiple=True`` option: every value parsed."""
+
+    def callback(ctx: click.Context, param: click.Parameter, values: Any) -> tuple[T, ...]:
+        try:
+            return tuple(parse(str(v)) for v in values or ())
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    return callback
+
+
 EPILOG = "\b\n" + EXIT_CODES_HELP.replace("; ", "\n  ").replace(": ", ":\n  ", 1)
 
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
+
+FAMILIES: dict[str, int] = {"ipv4": AF_INET, "ipv6": AF_INET6}
+"""The address family names the commands take, and their numbers."""
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,7 +79,7 @@ _SELECTION_OPTIONS = [
         "-p",
         "--proto",
         metavar="PROTO",
-        callback=_parsed(parse_proto),
+        callback=parsed(parse_proto),
         help="Protocol name (tcp, udp, icmp, ...) or number.",
     ),
     click.option(
@@ -70,7 +88,7 @@ _SELECTION_OPTIONS = [
         "--orig-src",
         "src",
         metavar="ADDR[/PREFIX]",
-        callback=_parsed(parse_network),
+        callback=parsed(parse_network),
         help="Original source.",
     ),
     click.option(
@@ -79,7 +97,7 @@ _SELECTION_OPTIONS = [
         "--orig-dst",
         "dst",
         metavar="ADDR[/PREFIX]",
-        callback=_parsed(parse_network),
+        callback=parsed(parse_network),
         help="Original destination.",
     ),
     click.option(
@@ -87,7 +105,7 @@ _SELECTION_OPTIONS = [
         "--orig-port-src",
         "sport",
         metavar="PORT",
-        callback=_parsed(parse_port),
+        callback=parsed(parse_port),
         help="Original source port.",
     ),
     click.option(
@@ -95,27 +113,27 @@ _SELECTION_OPTIONS = [
         "--orig-port-dst",
         "dport",
         metavar="PORT",
-        callback=_parsed(parse_port),
+        callback=parsed(parse_port),
         help="Original destination port.",
     ),
     click.option(
         "-m",
         "--mark",
         metavar="MARK[/MASK]",
-        callback=_parsed(parse_mark),
+        callback=parsed(parse_mark),
         help="Match entries whose mark & MASK == MARK.",
     ),
     click.option(
         "-w",
         "--zone",
         metavar="ZONE",
-        callback=_parsed(parse_zone),
+        callback=parsed(parse_zone),
         help="Conntrack zone (no zone = zone 0).",
     ),
     click.option(
         "--state",
         metavar="STATE",
-        callback=_parsed(parse_state),
+        callback=parsed(parse_state),
         help="TCP state, e.g. ESTABLISHED (also SCTP/DCCP states).",
     ),
 ]

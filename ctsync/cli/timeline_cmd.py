@@ -60,14 +60,13 @@ Query = Callable[[str], Any]
 # --------------------------------------------------------------------------- pure part
 
 
-def _instance(inst: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "name": inst.get("name"),
-        "state": inst.get("state"),
-        "priority": inst.get("priority"),
-        "master": inst.get("master"),
-        "holds_addresses": inst.get("holds_addresses"),
-    }
+_INSTANCE_KEYS = ("name", "state", "priority", "master", "holds_addresses")
+_PEER_KEYS = ("node", "up", "verified", "last_heard", "external_entries", "lost")
+
+
+def _pick(reply: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The keys a sample keeps, in this order (null when the agent leaves one out)."""
+    return {key: reply.get(key) for key in keys}
 
 
 def _vrrp(vrrp: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -78,18 +77,7 @@ def _vrrp(vrrp: Mapping[str, Any] | None) -> dict[str, Any] | None:
         "group": vrrp.get("sync_group"),
         "state": vrrp.get("state"),
         "last_transition": transitions[-1] if transitions else None,
-        "instances": [_instance(inst) for inst in vrrp.get("instances") or []],
-    }
-
-
-def _peer(peer: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "node": peer.get("node"),
-        "up": peer.get("up"),
-        "verified": peer.get("verified"),
-        "last_heard": peer.get("last_heard"),
-        "external_entries": peer.get("external_entries"),
-        "lost": peer.get("lost"),
+        "instances": [_pick(i, _INSTANCE_KEYS) for i in vrrp.get("instances") or []],
     }
 
 
@@ -120,7 +108,7 @@ def sample(
     }
     if kernel is not None:
         out["kernel"] = kernel
-    out["peers"] = [_peer(p) for p in status.get("peers") or []]
+    out["peers"] = [_pick(p, _PEER_KEYS) for p in status.get("peers") or []]
     out["vrrp"] = _vrrp(status.get("vrrp"))
     out["transition"] = last
     if seen is not None:

@@ -290,14 +290,15 @@ def _nat_attr(atype: int, size: int, address: bytes, port: bytes) -> bytes:
     return b"".join((head, address, h_max, address, mid, port, _PAD2_PORT_MAX, port, _PAD2))
 
 
-def timeout_message(key: bytes, seq: int, timeout: int) -> bytes:
+def timeout_message(key: bytes, seq: int, timeout: int, flags: int = UPDATE_FLAGS) -> bytes:
     """An update that sets only the timeout of the entry ``key`` identifies.
 
     What conntrackd's -t does to every entry on leaving MASTER: entries that still carry
     traffic are refreshed by it, the others expire. Nothing else is written, so the live
     state (TCP windows, NAT) of an entry that is still in use is left as the kernel has it.
-    Raises CtnetlinkError for a malformed key.
+    Raises CtnetlinkError for a malformed key. Without NLM_F_ACK (the default) only a
+    failure is answered; a batch sender asks for an ACK on its last message.
     """
     orig, zone = rec.decode_key(key)
     entry = Entry(orig=orig, zone=zone, timeout=timeout)
-    return nl.encode_ct_message(nl.CT_NEW, UPDATE_FLAGS | nl.NLM_F_ACK, seq, entry)
+    return nl.encode_ct_message(nl.CT_NEW, flags, seq, entry)

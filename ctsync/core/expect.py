@@ -114,11 +114,6 @@ def _walk(buf: Buffer, off: int, end: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _tlv(atype: int, payload: Buffer) -> bytes:
-    n = 4 + len(payload)
-    return _NLA.pack(n, atype) + bytes(payload) + b"\0" * (-n & 3)
-
-
 def parse_expectation(buf: Buffer, start: int, end: int) -> ParsedExpectation:
     """Parse an EXP_NEW/EXP_DELETE body (after nfgenmsg) into an expectation record.
 
@@ -128,7 +123,7 @@ def parse_expectation(buf: Buffer, start: int, end: int) -> ParsedExpectation:
     kept: list[tuple[int, bytes]] = []
     for t, s, e in _walk(buf, start, end):
         if t in _KEPT_ORDER:
-            kept.append((_KEPT_ORDER[t], _tlv(_NLA.unpack_from(buf, s - 4)[1], buf[s:e])))
+            kept.append((_KEPT_ORDER[t], nl.attr(_NLA.unpack_from(buf, s - 4)[1], bytes(buf[s:e]))))
     kept.sort(key=lambda item: item[0])
     value = _HEAD.pack(VALUE_VERSION, exp.timeout or 0) + b"".join(raw for _, raw in kept)
     return ParsedExpectation(make_key(exp), value, exp.helper, master_key(exp))

@@ -40,6 +40,7 @@ from ctsync.core.entry import (
     family_name,
     proto_name,
 )
+from ctsync.core.select import in_network
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -177,9 +178,7 @@ def snat_address(entry: Entry) -> bytes | None:
 
 
 def _in_any(family: int, address: bytes, networks: Sequence[IPNetwork]) -> bool:
-    version = 4 if family == AF_INET else 6
-    ip = ipaddress.ip_address(address)
-    return any(net.version == version and ip in net for net in networks)
+    return any(in_network(family, address, net) for net in networks)
 
 
 @dataclass(frozen=True, slots=True)

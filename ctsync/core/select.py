@@ -196,9 +196,9 @@ class EntryFilter:
             return False
         if self.dport is not None and orig.dport != self.dport:
             return False
-        if self.src is not None and not _in_network(orig.family, orig.src, self.src):
+        if self.src is not None and not in_network(orig.family, orig.src, self.src):
             return False
-        if self.dst is not None and not _in_network(orig.family, orig.dst, self.dst):
+        if self.dst is not None and not in_network(orig.family, orig.dst, self.dst):
             return False
         if self.mark is not None and ((entry.mark or 0) & self.mark_mask) != self.mark:
             return False
@@ -208,11 +208,11 @@ class EntryFilter:
             reply = entry.reply
             if reply is None:
                 return False
-            if self.reply_src is not None and not _in_network(
+            if self.reply_src is not None and not in_network(
                 reply.family, reply.src, self.reply_src
             ):
                 return False
-            if self.reply_dst is not None and not _in_network(
+            if self.reply_dst is not None and not in_network(
                 reply.family, reply.dst, self.reply_dst
             ):
                 return False
@@ -261,7 +261,8 @@ class EntryFilter:
         return self == EntryFilter()
 
 
-def _in_network(family: int, raw: bytes, network: IPNetwork) -> bool:
+def in_network(family: int, raw: bytes, network: IPNetwork) -> bool:
+    """Whether a packed address of ``family`` lies in ``network`` (other family: no)."""
     if (network.version == 4) != (family == AF_INET):
         return False
     netmask = int(network.netmask)

@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ctsync.core import commit as commit_codec
 from ctsync.core import ctnetlink as nl
@@ -34,6 +35,8 @@ from ctsync.core.entry import CtTuple, Entry, Expectation
 from ctsync.core.filter import NO_EXPECTATIONS, HelperFilter
 
 log = logging.getLogger("ctsync.netlink")
+
+_T = TypeVar("_T")
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -330,25 +333,41 @@ class Committer:
         (EOPNOTSUPP), or whose helper is not loaded here (EOPNOTSUPP): each is counted."""
         result = CommitResult()
         started = time.perf_counter()
-        parts: list[bytes] = []
-        pending: dict[int, tuple[bytes, bytes]] = {}
-        for key, value in records:
-            result.attempted += 1
-            seq = _seq.next()
-            try:
-                parts.append(expect.commit_message(key, value, seq))
-            except CtnetlinkError:
-                result.add_error(errno.EINVAL)
-                continue
-            pending[seq] = (key, value)
-            if len(parts) >= self.batch:
-                self._flush_batch(parts, pending, result, None)
-                parts, pending = [], {}
-        if parts:
-            self._flush_batch(parts, pending, result, None)
+        self._send_each(records, lambda r, seq: expect.commit_message(r[0], r[1], seq), result)
         result.committed = result.attempted - result.failed
         result.seconds = time.perf_counter() - started
         return result
+
+    def set_timeouts(self, keys: Iterable[bytes], timeout: int) -> CommitResult:
+        """Give each entry ``timeout`` seconds, nothing else written (conntrackd's -t on
+        leaving MASTER); an entry gone meanwhile counts as an ENOENT error."""
+        result = CommitResult()
+        started = time.perf_counter()
+        self._send_each(
+            keys, lambda key, seq: commit_codec.timeout_message(key, seq, timeout), result
+        )
+        result.committed = result.attempted - result.failed
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _send_each(
+        self, items: Iterable[_T], build: Callable[[_T, int], bytes], result: CommitResult
+    ) -> None:
+        """One message per item (``build(item, seq)``), sent in batches; every item is
+        counted in ``result``, a build that fails (CtnetlinkError) as EINVAL."""
+        parts: list[bytes] = []
+        for item in items:
+            result.attempted += 1
+            try:
+                parts.append(build(item, _seq.next()))
+            except CtnetlinkError:
+                result.add_error(errno.EINVAL)
+                continue
+            if len(parts) >= self.batch:
+                self._flush_batch(parts, {}, result, None)
+                parts = []
+        if parts:
+            self._flush_batch(parts, {}, result, None)
 
     def _build_batches(
         self,
@@ -455,18 +474,11 @@ class Committer:
     def delete_many(self, targets: Iterable[tuple[CtTuple, int | None]]) -> tuple[int, int]:
         """Delete entries in batches; returns (deleted, missing or failed)."""
         result = CommitResult()
-        parts: list[bytes] = []
-        pending: dict[int, tuple[bytes, bytes]] = {}
-        for orig, zone in targets:
-            result.attempted += 1
-            seq = _seq.next()
-            parts.append(nl.encode_delete(seq, orig, zone, flags=nl.NLM_F_REQUEST))
-            pending[seq] = (b"", b"")
-            if len(parts) >= self.batch:
-                self._flush_batch(parts, pending, result, None)
-                parts, pending = [], {}
-        if parts:
-            self._flush_batch(parts, pending, result, None)
+        self._send_each(
+            targets,
+            lambda t, seq: nl.encode_delete(seq, t[0], t[1], flags=nl.NLM_F_REQUEST),
+            result,
+        )
         return result.attempted - result.failed, result.failed
 
     def delete_matching(self, predicate: Callable[[Entry], bool], family: int = 0) -> int:
@@ -498,22 +510,9 @@ class Committer:
     def delete_expectations(self, keys: Iterable[bytes]) -> tuple[int, int]:
         """Delete expectation records' expectations; returns (deleted, missing or failed)."""
         result = CommitResult()
-        parts: list[bytes] = []
-        pending: dict[int, tuple[bytes, bytes]] = {}
-        for key in keys:
-            result.attempted += 1
-            seq = _seq.next()
-            try:
-                parts.append(expect.delete_message(key, seq, nl.NLM_F_REQUEST))
-            except CtnetlinkError:
-                result.add_error(errno.EINVAL)
-                continue
-            pending[seq] = (key, b"")
-            if len(parts) >= self.batch:
-                self._flush_batch(parts, pending, result, None)
-                parts, pending = [], {}
-        if parts:
-            self._flush_batch(parts, pending, result, None)
+        self._send_each(
+            keys, lambda key, seq: expect.delete_message(key, seq, nl.NLM_F_REQUEST), result
+        )
         return result.attempted - result.failed, result.failed
 
     def flush_expectations(self, family: int = 0) -> None:

@@ -34,6 +34,7 @@ from ctsync.core import ctnetlink as nl
 from ctsync.core.ctnetlink import CtnetlinkError
 from ctsync.core.entry import AF_INET, AF_INET6, CtTuple
 from ctsync.core.select import U32_MAX, EntryFilter
+from ctsync.core.vrrp.packet import internet_checksum as icmp_checksum
 from ctsync.io.netlink import Committer, iter_dump, open_socket
 
 ICMP_ECHO_REPLY: Final = 0
@@ -81,16 +82,6 @@ def _bind(sock: socket.socket, family: int, source: str | None, interface: str |
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
     if source:
         sock.bind((source, 0) if family == socket.AF_INET else (source, 0, 0, 0))
-
-
-def icmp_checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of ``data``."""
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def echo_request(family: int, ident: int, seq: int, payload: bytes) -> bytes:

@@ -467,11 +467,8 @@ class KernelMessage:
 
 
 def kernel_messages(name: str) -> list[KernelMessage]:
-    """Every message of a capture file (empty list when the file is missing)."""
-    path = DATA / name
-    if not path.exists():
-        return []
-    buf = path.read_bytes()
+    """Every message of a capture file (committed: a missing one is an error, not a skip)."""
+    buf = (DATA / name).read_bytes()
     return [
         KernelMessage(name, i, mtype, flags, buf, s + nl.NFGEN_HDRLEN, e)
         for i, (mtype, flags, _seq, _pid, s, e) in enumerate(nl.iter_messages(buf))

@@ -444,7 +444,6 @@ def test_parse_ct_reply_zone_with_nat_minimal() -> None:
 # --- real kernel bytes (tests/core/data) ------------------------------------------------
 
 KERNEL_CT = s.kernel_ct_messages()
-needs_capture = pytest.mark.skipif(not KERNEL_CT, reason="no captured kernel bytes")
 
 
 def _kernel_id(m: KernelMessage) -> str:
@@ -462,7 +461,6 @@ def _kernel_id(m: KernelMessage) -> str:
     return "-".join(parts)
 
 
-@needs_capture
 @pytest.mark.parametrize("m", KERNEL_CT, ids=_kernel_id)
 def test_kernel_parse_ct_matches_the_decoder(m: KernelMessage) -> None:
     """parse_ct on real kernel bytes gives the record of what decode_entry sees."""
@@ -476,7 +474,6 @@ def test_kernel_parse_ct_matches_the_decoder(m: KernelMessage) -> None:
     assert parts[1] == present
 
 
-@needs_capture
 def test_kernel_canonical_layouts_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Real kernel tuples and TCP protoinfo match the fast-path layouts: parse_ct must not
     need the generic decoders for them."""
@@ -502,7 +499,6 @@ def test_kernel_canonical_layouts_take_the_fast_path(monkeypatch: pytest.MonkeyP
         assert r.key_kind(key) == expected_kind(e.orig) != r.KEY_RAW
 
 
-@needs_capture
 def test_kernel_event_sequence_merges() -> None:
     """NEW, then UPDATE (mark 0x99) merged into the cached value, as the cache does."""
     new, update, _destroy = s.kernel_messages("kernel_events.bin")

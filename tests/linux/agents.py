@@ -75,11 +75,9 @@ SYNC_PREFIX = "203.0.113."
 SYNC_PORT = 3780
 BRIDGE = "br0"
 
-#: Conntrack on (``ct state`` in prerouting) and the sync link marked notrack at raw
-#: priority, so that the sync datagrams themselves never enter the table being synced.
-FW_SYNC_RULESET = f"""\
-flush ruleset
-table inet fw {{
+#: The sync link marked notrack at raw priority, so that the sync datagrams themselves never
+#: enter the table being synced: the first chains of every firewall ruleset (``inet fw``).
+SYNC_NOTRACK_CHAINS = f"""\
     chain raw_pre {{
         type filter hook prerouting priority raw; policy accept;
         iifname "{SYNC_IF}" notrack
@@ -88,7 +86,13 @@ table inet fw {{
         type filter hook output priority raw; policy accept;
         oifname "{SYNC_IF}" notrack
     }}
-    chain pre {{
+"""
+
+#: Conntrack on (``ct state`` in prerouting) and the sync link untracked.
+FW_SYNC_RULESET = f"""\
+flush ruleset
+table inet fw {{
+{SYNC_NOTRACK_CHAINS}    chain pre {{
         type filter hook prerouting priority filter; policy accept;
         ct state established accept
     }}
@@ -755,15 +759,7 @@ FW_WAN = {1: "198.51.100.11", 2: "198.51.100.12"}
 FAILOVER_RULESET = f"""\
 flush ruleset
 table inet fw {{
-    chain raw_pre {{
-        type filter hook prerouting priority raw; policy accept;
-        iifname "{SYNC_IF}" notrack
-    }}
-    chain raw_out {{
-        type filter hook output priority raw; policy accept;
-        oifname "{SYNC_IF}" notrack
-    }}
-    chain forward {{
+{SYNC_NOTRACK_CHAINS}    chain forward {{
         type filter hook forward priority filter; policy drop;
         ct state invalid counter name invalid_fwd drop
         ct state established,related accept

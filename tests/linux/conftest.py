@@ -13,11 +13,13 @@ import functools
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.linux.agents import Cluster
 from tests.linux.netns import (
     CT_ENABLE_RULESET,
     Namespace,
@@ -79,6 +81,25 @@ def netns_factory() -> Iterator[NamespaceFactory]:
     """Creates :class:`Namespace` objects (one random tag per test); all closed at teardown."""
     with NamespaceFactory() as factory:
         yield factory
+
+
+@pytest.fixture
+def make_cluster(
+    netns_factory: NamespaceFactory, tmp_path: Path
+) -> Iterator[Callable[..., Cluster]]:
+    """``make_cluster(n, **kw)``: a :class:`Cluster` of *n* firewalls (not started); the
+    agents' logs are printed at teardown (shown on failure). The factory stops them."""
+    clusters: list[Cluster] = []
+
+    def make(count: int, **kwargs: Any) -> Cluster:
+        cluster = Cluster(netns_factory, tmp_path, count, **kwargs)
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        for node_id in cluster.nodes:
+            print(cluster.output(node_id)[-20_000:])
 
 
 @pytest.fixture

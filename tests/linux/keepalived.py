@@ -471,9 +471,15 @@ def build_vrrp_site(factory: NamespaceFactory) -> VrrpSite:
     add_addr(ct, SYNC_IF, "203.0.113.2/24")
     site = VrrpSite(sw=sw, ka_ns=ka, ct_ns=ct, client=client)
     site.watches = {"ka": AddrWatch(ka), "ct": AddrWatch(ct)}
-    # Link-locals come up with the links; wait until both routers have one.
-    for ns in (ka, ct):
-        wait_until(functools.partial(_has_link_local, ns), 5, f"a link-local address in {ns.name}")
+    try:
+        # Link-locals come up with the links; wait until both routers have one.
+        for ns in (ka, ct):
+            wait_until(
+                functools.partial(_has_link_local, ns), 5, f"a link-local address in {ns.name}"
+            )
+    except BaseException:
+        site.close()  # the caller never gets the site: stop the watch threads here
+        raise
     return site
 
 

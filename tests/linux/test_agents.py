@@ -19,7 +19,7 @@ import functools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,24 +61,6 @@ TCP_PORT = 5000
 UDP_PORT = 5300
 TCP_FLOWS = 10
 UDP_FLOWS = 4
-
-
-@pytest.fixture
-def make_cluster(
-    netns_factory: NamespaceFactory, tmp_path: Path
-) -> Iterator[Callable[..., Cluster]]:
-    """``make_cluster(n, **kw)``; the agents' logs are printed at teardown (shown on failure)."""
-    clusters: list[Cluster] = []
-
-    def make(count: int, **kwargs: Any) -> Cluster:
-        cluster = Cluster(netns_factory, tmp_path, count, **kwargs)
-        clusters.append(cluster)
-        return cluster
-
-    yield make
-    for cluster in clusters:
-        for node_id in cluster.nodes:
-            print(cluster.output(node_id)[-20_000:])
 
 
 def run_concurrently(*jobs: Callable[[], object]) -> None:

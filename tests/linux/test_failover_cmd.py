@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +25,10 @@ from tests.linux.agents import (
     make_flows,
     wait_until,
 )
-from tests.linux.netns import NamespaceFactory
 
 pytestmark = [pytest.mark.linux, pytest.mark.timeout(120)]
 
 PURGE = 30
-
-
-@pytest.fixture
-def make_cluster(
-    netns_factory: NamespaceFactory, tmp_path: Path
-) -> Iterator[Callable[..., Cluster]]:
-    clusters: list[Cluster] = []
-
-    def make(count: int, **kwargs: Any) -> Cluster:
-        cluster = Cluster(netns_factory, tmp_path, count, **kwargs)
-        clusters.append(cluster)
-        return cluster
-
-    yield make
-    for cluster in clusters:
-        for node_id in cluster.nodes:
-            print(cluster.output(node_id))
 
 
 def add_failover_table(cluster: Cluster, node_id: int, text: str) -> None:

@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ctsync.core.select import EntryFilter, parse_mark, parse_network
 from ctsync.io.probe import IcmpProber, ProbeResult, TcpProber, remove_connections
 from tests.linux.agents import (
-    SYNC_IF,
+    SYNC_NOTRACK_CHAINS,
     Cluster,
     CtKey,
     Flow,
@@ -63,15 +63,7 @@ CLIENT = "192.0.2.10"
 RULESET = f"""\
 flush ruleset
 table inet fw {{
-    chain raw_pre {{
-        type filter hook prerouting priority raw; policy accept;
-        iifname "{SYNC_IF}" notrack
-    }}
-    chain raw_out {{
-        type filter hook output priority raw; policy accept;
-        oifname "{SYNC_IF}" notrack
-    }}
-    chain forward_mark {{
+{SYNC_NOTRACK_CHAINS}    chain forward_mark {{
         type filter hook forward priority filter; policy accept;
         ct state new oifname "wana" ct mark set 0x1
         ct state new oifname "wanb" ct mark set 0x2

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
+import pyroute2
 import pytest
 
 from ctsync.core import record
@@ -453,7 +454,6 @@ def test_events_paused_during_our_own_commit_then_reconciled(empty_ns: Namespace
 
 
 def test_decoder_agrees_with_pyroute2(router_topology: Topology) -> None:
-    pyroute2 = pytest.importorskip("pyroute2")
     topo = router_topology
     ports = [PLAIN_PORT, MARK_PORT, LABEL_PORT, ZONE_PORT, DNAT_TARGET_PORT]
     topo.server.start(traffic_cmd("tcp-echo-server", *[f"--port={p}" for p in ports]))
