@@ -37,8 +37,16 @@ from typing import Any
 RECV = 65536
 
 
+_SAY = threading.Lock()
+
+
 def say(*parts: object) -> None:
-    print(*parts, flush=True)
+    # One write per line, under a lock: the server's threads print concurrently, and
+    # print() writes its parts one by one, which interleaves lines that tests parse.
+    line = " ".join(map(str, parts)) + "\n"
+    with _SAY:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def stamp(at: float) -> str:

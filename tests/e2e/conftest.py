@@ -96,9 +96,19 @@ def cluster(image: str) -> Iterator[ComposeCluster]:
     try:
         # fw1 alone first: it becomes master; fw2 (depends_on fw1) then joins as backup.
         cluster.up("fw1", "server")
-        wait_until(lambda: cluster.role("fw1") == "MASTER", 30, "fw1 to become MASTER")
+        wait_until(
+            lambda: cluster.role("fw1") == "MASTER",
+            30,
+            "fw1 to become MASTER",
+            describe=lambda: cluster.logs("fw1", tail=40),
+        )
         cluster.up()
-        wait_until(lambda: cluster.role("fw2") == "BACKUP", 30, "fw2 to come up as BACKUP")
+        wait_until(
+            lambda: cluster.role("fw2") == "BACKUP",
+            30,
+            "fw2 to come up as BACKUP",
+            describe=lambda: cluster.logs("fw2", tail=60),
+        )
         print(f"cluster {project} up in {time.monotonic() - started:.1f}s")
         yield cluster
     finally:

@@ -40,9 +40,16 @@ _BACKLOG = 128
 _RECV = 65536
 
 
+_SAY = threading.Lock()
+
+
 def say(*parts: object) -> None:
-    """One status line on stdout, flushed at once (tests wait on these)."""
-    print(*parts, flush=True)
+    """One status line on stdout, flushed at once (tests wait on these); one write under a
+    lock, as print() writes its parts one by one and threads would interleave them."""
+    line = " ".join(map(str, parts)) + "\n"
+    with _SAY:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def plain_ip(addr: str) -> str:
