@@ -195,6 +195,7 @@ class VrrpSpeaker:
         # start() begins with RemoveAddresses for every instance, as keepalived: leftovers
         # of a crash would make two holders of an address.
         self._dispatch(self.group.start(now))
+        self._announce_sources()
         self._arm()
         log.info(
             "VRRP speaker started: sync group %s, instances %s",
@@ -372,7 +373,23 @@ class VrrpSpeaker:
         for inst in self.instances.values():
             if inst.cfg.interface == ifname:
                 self._dispatch(self.group.link(inst.name, up, self._now()))
+        if up:
+            self._announce_sources(ifname)
         self._arm()
+
+    def _announce_sources(self, ifname: str | None = None) -> None:
+        """Unicast instances: one gratuitous ARP / unsolicited NA for our own source address,
+        as keepalived sends when it starts or leaves FAULT. A peer that sent us adverts
+        before we existed holds a failed neighbour entry for us; refreshed, its adverts
+        reach us before our Master_Down runs out (else both would be master for a moment)."""
+        for inst in self.instances.values():
+            if not inst.peers or (ifname is not None and inst.cfg.interface != ifname):
+                continue
+            source = [inst.channel.source]
+            if inst.cfg.family == 4:
+                send_garp(inst.cfg.interface, source, 1)
+            else:
+                send_unsolicited_na(inst.cfg.interface, inst.ifindex, source, 1)
 
     def _recreated(self, ifname: str) -> bool:
         try:
