@@ -9,8 +9,7 @@ import contextlib
 import json
 import os
 import socket
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 DEFAULT_PATH = "/run/ctsync/ctsync.sock"
 MAX_REQUEST = 64 * 1024
@@ -74,10 +73,11 @@ class ProtocolError(ValueError):
 # --------------------------------------------------------------------------- pure protocol
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
+    # A NamedTuple, not a dataclass: the hook commands load this module on the failover's
+    # critical path, and dataclasses (with inspect) is most of its import time.
     command: str
-    args: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any]
 
 
 def _dumps(obj: object) -> bytes:

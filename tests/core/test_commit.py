@@ -138,10 +138,13 @@ def test_fast_path_equals_generic_encoding(
     entry = Entry(orig, reply, status=status, timeout=timeout, mark=mark, protoinfo=info)
     key, value = record.from_entry(entry)
     for with_nat in (True, False):
-        fast = commit.commit_message(key, value, 5, with_nat=with_nat)
-        generic_entry = commit.commit_entry(record.to_entry(key, value), with_nat=with_nat)
-        generic = nl.encode_ct_message(nl.CT_NEW, commit.COMMIT_FLAGS, 5, generic_entry)
-        assert fast == generic
+        for override in (None, 1, 300):  # the record's timeout, or a commit-wide one
+            fast = commit.commit_message(key, value, 5, timeout=override, with_nat=with_nat)
+            generic_entry = commit.commit_entry(
+                record.to_entry(key, value), override, with_nat=with_nat
+            )
+            generic = nl.encode_ct_message(nl.CT_NEW, commit.COMMIT_FLAGS, 5, generic_entry)
+            assert fast == generic
 
 
 def test_malformed_record_raises_protocol_error() -> None:
