@@ -9,6 +9,17 @@ firewall's connection state has a single role). It owns
 * a link watcher that turns interface up/down into ``SyncGroup.link``;
 * one timer, armed for ``SyncGroup.next_deadline()`` after every event.
 
+An instance runs only when its interface exists, is up, and has the address it sends
+from (the primary IPv4 address, the IPv6 link-local address, or ``unicast-src``).
+Until then it is "down" for the state machine, so its group is in FAULT: the agent may
+start before DHCP or networkd have configured the interface, or before the interface
+exists at all, as keepalived with ``dynamic_interfaces`` does. Link and address events
+(rtnetlink) make the speaker look again (:meth:`VrrpSpeaker._check`, one path for a
+late address, a late interface, a re-created one and a removed source): once the
+address is there, the sockets are opened with it and the instance leaves FAULT. The
+source is in every advert and in the tie-break, so it is chosen then and kept while
+the instance runs; if it goes away, the instance goes back to FAULT (keepalived does).
+
 The core returns actions; they run here, in order. Adverts go out at once, whatever else
 is pending: a new master that made its peers wait for its commit would lose the election
 it just won. Address work (add, remove, announce) is queued and done in order by one
@@ -27,13 +38,13 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import ipaddress
 import logging
-import socket
 import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,6 +79,7 @@ from ctsync.io.vrrp_socket import (
     Received,
     VrrpChannel,
     VrrpSocketError,
+    check_raw_socket,
 )
 
 log = logging.getLogger("ctsync.vrrp")
@@ -76,7 +88,10 @@ _TRANSITIONS_KEPT = 10
 
 
 class SpeakerError(OSError):
-    """The speaker cannot start (interface, address or socket problem); says which."""
+    """The speaker cannot start (no rtnetlink or raw socket, conflicting instances).
+
+    A missing interface or address is not one: the instance waits for it in FAULT.
+    """
 
 
 def _wallclock() -> str:
@@ -87,14 +102,47 @@ def _text(addr: bytes) -> str:
     return str(ipaddress.ip_address(addr))
 
 
+@dataclass(frozen=True)
+class _SlotKey:
+    """What makes instances share a socket, known from the config alone: the channel's
+    key without the source address a unicast channel binds to (found at run time)."""
+
+    interface: str
+    family: int
+    unicast: bool
+    unicast_src: bytes | None  # configured; None: the interface's own address
+
+
+@dataclass
+class _Slot:
+    """The instances sharing one socket, and the socket once it can be opened.
+
+    ``up`` says whether its instances run (``SyncGroup.link`` up); ``problem`` why not.
+    ``channel`` is the open socket while up; after a fault it stays, closed, for the
+    status (its source and counters) until the next one replaces it.
+    """
+
+    key: _SlotKey
+    exclude: frozenset[bytes]  # the virtual addresses: never a source
+    instances: list[_Instance] = field(default_factory=list)
+    by_vrid: dict[int, _Instance] = field(default_factory=dict)
+    ifindex: int | None = None  # the interface's index when last looked up
+    channel: VrrpChannel | None = None
+    up: bool = False
+    problem: str | None = "not checked yet"
+    warned: str | None = None  # the cause last logged; again only once it changed
+
+    def names(self) -> str:
+        return ", ".join(i.name for i in self.instances)
+
+
 @dataclass
 class _Instance:
     """Runtime side of one configured instance."""
 
     cfg: VrrpInstance
     vips: list[Vip]
-    ifindex: int
-    channel: VrrpChannel
+    slot: _Slot
     params: InstanceParams
     expect: Expect
     peers: list[bytes]  # unicast destinations; empty for multicast
@@ -111,6 +159,14 @@ class _Instance:
     @property
     def name(self) -> str:
         return self.cfg.name
+
+    @property
+    def channel(self) -> VrrpChannel | None:
+        return self.slot.channel
+
+    @property
+    def ifindex(self) -> int | None:
+        return self.slot.ifindex
 
 
 # Address work queued for the worker; ``generation`` is the group transition it belongs to.
@@ -142,8 +198,7 @@ class VrrpSpeaker:
         self.on_addresses = on_addresses
         self.group: SyncGroup | None = None
         self.instances: dict[str, _Instance] = {}
-        self.channels: dict[ChannelKey, VrrpChannel] = {}
-        self._by_vrid: dict[tuple[ChannelKey, int], _Instance] = {}
+        self.slots: dict[_SlotKey, _Slot] = {}
         self.addresses = Addresses()
         self.links: LinkWatcher | None = None
         self.unknown_vrid = 0
@@ -158,40 +213,56 @@ class VrrpSpeaker:
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._log = RateLimitedLog(log)
+        self._checker: asyncio.Task[None] | None = None
+        self._recheck = False  # interfaces or addresses changed since the last check began
+        self._retry: asyncio.TimerHandle | None = None
         self._started = False
         self._stopped = False
 
     # --- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open sockets, clear stale addresses, start the group (raises SpeakerError)."""
+        """Open rtnetlink, clear stale addresses, start the group (raises SpeakerError).
+
+        Instances whose interface or source address is missing start in FAULT.
+        """
         if self._started:
             return
         self._loop = asyncio.get_running_loop()
         self._work = asyncio.Queue()
         try:
+            self._setup()
+            for family in sorted({k.family for k in self.slots}):
+                check_raw_socket(family)
             await self.addresses.open()
-            for cfg in self.config.instance:
-                await self._setup_instance(cfg)
-            for channel in self.channels.values():
-                channel.start(self._loop)
+            # Subscribed before the first look: nothing that changes after it is missed.
             self.links = LinkWatcher(
-                {i.cfg.interface for i in self.instances.values()}, self._on_link
+                {k.interface for k in self.slots}, self._on_link, self._on_addresses
             )
             self.links.start()
+            for slot in self.slots.values():
+                await self._check(slot)
         except (VrrpSocketError, OSError) as exc:
             await self._close_io()
             raise SpeakerError(str(exc)) from exc
         except BaseException:
             await self._close_io()
             raise
-        self.group = SyncGroup(self.config.sync_group, [i.params for i in self.instances.values()])
+        params = []
+        for inst in self.instances.values():
+            channel = inst.channel
+            if inst.slot.up and channel is not None:
+                params.append(replace(inst.params, primary=channel.source))
+            else:
+                params.append(inst.params)  # a placeholder until it has one
+        self.group = SyncGroup(self.config.sync_group, params)
         self._worker = asyncio.create_task(self._run_work(), name="vrrp-addresses")
         self._started = True
         now = self._loop.time()
-        for inst in self.instances.values():
-            if not link_is_up(inst.cfg.interface):
-                self.group.link(inst.name, False, now)  # before start: start enters FAULT
+        for slot in self.slots.values():
+            if not slot.up:  # before start: start enters FAULT
+                for inst in slot.instances:
+                    self.group.link(inst.name, False, now, slot.problem)
         # start() begins with RemoveAddresses for every instance, as keepalived: leftovers
         # of a crash would make two holders of an address.
         self._dispatch(self.group.start(now))
@@ -201,81 +272,69 @@ class VrrpSpeaker:
             "VRRP speaker started: sync group %s, instances %s",
             self.config.sync_group,
             ", ".join(
-                f"{i.name} (VRID {i.cfg.virtual_router_id} on {i.channel.describe()}, v"
+                f"{i.name} (VRID {i.cfg.virtual_router_id} on {i.cfg.interface} IPv"
+                f"{i.cfg.family} {'unicast' if i.slot.key.unicast else 'multicast'}, v"
                 f"{i.cfg.version}, priority {i.cfg.priority})"
                 for i in self.instances.values()
             ),
         )
+        if self._recheck:  # something changed while we looked
+            self._kick()
 
-    async def _setup_instance(self, cfg: VrrpInstance) -> None:
-        ifindex = await self.addresses.ifindex(cfg.interface)
-        if ifindex is None:
-            raise SpeakerError(f"vrrp instance {cfg.name}: no interface {cfg.interface!r}")
-        vips = [Vip.parse(text) for text in cfg.virtual_address]
-        family = cfg.family
-        unicast = bool(cfg.unicast_peer)
-        if cfg.unicast_src is not None:
-            source = cfg.unicast_src.packed
-        elif family == 4:
-            found = await self.addresses.primary_ipv4(ifindex, exclude=[v.address for v in vips])
-            if found is None:
+    def _setup(self) -> None:
+        """The instances and the sockets they will share, from the config alone."""
+        every_vip = frozenset(
+            Vip.parse(text).address for cfg in self.config.instance for text in cfg.virtual_address
+        )
+        for cfg in self.config.instance:
+            vips = [Vip.parse(text) for text in cfg.virtual_address]
+            family = cfg.family
+            unicast = bool(cfg.unicast_peer)
+            src = cfg.unicast_src.packed if cfg.unicast_src is not None else None
+            key = _SlotKey(cfg.interface, family, unicast, src)
+            slot = self.slots.get(key)
+            if slot is None:
+                slot = self.slots[key] = _Slot(key, every_vip)
+            if cfg.virtual_router_id in slot.by_vrid:
                 raise SpeakerError(
-                    f"vrrp instance {cfg.name}: {cfg.interface} has no IPv4 address to send from"
+                    f"vrrp instance {cfg.name}: VRID {cfg.virtual_router_id} is already used"
+                    f" by {slot.by_vrid[cfg.virtual_router_id].name} on {cfg.interface}"
                 )
-            source = found
-        else:
-            found = await self.addresses.link_local(ifindex)
-            if found is None:
-                raise SpeakerError(
-                    f"vrrp instance {cfg.name}: {cfg.interface} has no link-local IPv6 address"
-                )
-            source = found
-        key = ChannelKey(cfg.interface, family, source if unicast else None)
-        channel = self.channels.get(key)
-        if channel is None:
-            channel = VrrpChannel(key, ifindex=ifindex, source=source, on_packet=self._on_packet)
-            channel.open()
-            self.channels[key] = channel
-        if (key, cfg.virtual_router_id) in self._by_vrid:
-            raise SpeakerError(
-                f"vrrp instance {cfg.name}: VRID {cfg.virtual_router_id} is already used on"
-                f" {channel.describe()}"
+            auth_type = AUTH_PASS if cfg.auth_pass else AUTH_NONE
+            auth_data = pass_auth_data(cfg.auth_pass) if cfg.auth_pass else bytes(8)
+            params = InstanceParams(
+                name=cfg.name,
+                version=cfg.version,
+                vrid=cfg.virtual_router_id,
+                priority=cfg.priority,
+                interval_cs=cfg.advert_centiseconds,
+                preempt=cfg.preempt,
+                preempt_delay=cfg.preempt_delay,
+                start_master=cfg.state == "MASTER",
+                primary=src or bytes(4 if family == 4 else 16),
+                family=family,
             )
-        auth_type = AUTH_PASS if cfg.auth_pass else AUTH_NONE
-        auth_data = pass_auth_data(cfg.auth_pass) if cfg.auth_pass else bytes(8)
-        params = InstanceParams(
-            name=cfg.name,
-            version=cfg.version,
-            vrid=cfg.virtual_router_id,
-            priority=cfg.priority,
-            interval_cs=cfg.advert_centiseconds,
-            preempt=cfg.preempt,
-            preempt_delay=cfg.preempt_delay,
-            start_master=cfg.state == "MASTER",
-            primary=source,
-            family=family,
-        )
-        expect = Expect(
-            version=cfg.version,
-            vrid=cfg.virtual_router_id,
-            family=family,
-            addresses=frozenset(v.address for v in vips),
-            interval_cs=cfg.advert_centiseconds,
-            auth_type=auth_type,
-            auth_data=auth_data,
-            multicast=not unicast,
-        )
-        inst = _Instance(
-            cfg=cfg,
-            vips=vips,
-            ifindex=ifindex,
-            channel=channel,
-            params=params,
-            expect=expect,
-            peers=[p.packed for p in cfg.unicast_peer],
-        )
-        self.instances[cfg.name] = inst
-        self._by_vrid[(key, cfg.virtual_router_id)] = inst
+            expect = Expect(
+                version=cfg.version,
+                vrid=cfg.virtual_router_id,
+                family=family,
+                addresses=frozenset(v.address for v in vips),
+                interval_cs=cfg.advert_centiseconds,
+                auth_type=auth_type,
+                auth_data=auth_data,
+                multicast=not unicast,
+            )
+            inst = _Instance(
+                cfg=cfg,
+                vips=vips,
+                slot=slot,
+                params=params,
+                expect=expect,
+                peers=[p.packed for p in cfg.unicast_peer],
+            )
+            self.instances[cfg.name] = inst
+            slot.instances.append(inst)
+            slot.by_vrid[cfg.virtual_router_id] = inst
 
     async def stop(self) -> None:
         """Graceful stop: priority-0 adverts from a master, then its addresses removed."""
@@ -286,6 +345,14 @@ class VrrpSpeaker:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._checker
+            self._checker = None
         assert self.group is not None
         try:
             self._dispatch(self.group.shutdown(loop.time()))
@@ -309,8 +376,9 @@ class VrrpSpeaker:
         if self.links is not None:
             self.links.close()
             self.links = None
-        for channel in self.channels.values():
-            channel.close()
+        for slot in self.slots.values():
+            if slot.channel is not None:
+                slot.channel.close()
         await self.addresses.close()
 
     # --- events -------------------------------------------------------------------------
@@ -319,11 +387,11 @@ class VrrpSpeaker:
         assert self._loop is not None
         return self._loop.time()
 
-    def _on_packet(self, channel: VrrpChannel, packet: Received) -> None:
-        if self.group is None or self._stopped:
+    def _on_packet(self, slot: _Slot, channel: VrrpChannel, packet: Received) -> None:
+        if self.group is None or self._stopped or channel is not slot.channel:
             return
         msg = packet.message
-        inst = self._by_vrid.get((channel.key, msg[1])) if len(msg) >= 2 else None
+        inst = slot.by_vrid.get(msg[1]) if len(msg) >= 2 else None
         if inst is None:
             self.unknown_vrid += 1  # D2: keepalived ignores these silently
             return
@@ -359,106 +427,183 @@ class VrrpSpeaker:
         self._arm()
 
     def _on_link(self, ifname: str, up: bool) -> None:
-        if self.group is None or self._stopped:
+        if self._stopped:
+            return
+        if self.group is None:  # starting: looked at once start() is through
+            self._recheck = True
             return
         log.info("VRRP: interface %s is %s", ifname, "up" if up else "down")
-        if up and self._recreated(ifname):
-            # A new device under the old name (deleted and re-created, or moved back from
-            # another namespace): our socket is bound to the old one, and a backup that
-            # hears nothing would become a second master. Stay in FAULT until the
-            # sockets are open on the new device.
-            assert self._loop is not None
-            self._loop.create_task(self._reopen(ifname))
+        if not up:
+            # At once, not after a look at the addresses: a master must let go now.
+            for slot in self.slots.values():
+                if slot.key.interface == ifname:
+                    self._down(slot, "link down")
+            self._arm()
+        # Up: the sockets are (re)opened first, on the device that now has the name; it
+        # may be a new one (deleted and re-created, or moved back from another
+        # namespace), and a backup that hears nothing would become a second master.
+        self._kick()
+
+    def _on_addresses(self) -> None:
+        if self._stopped:
             return
-        for inst in self.instances.values():
-            if inst.cfg.interface == ifname:
-                self._dispatch(self.group.link(inst.name, up, self._now()))
-        if up:
-            self._announce_sources(ifname)
+        if self.group is None:
+            self._recheck = True
+            return
+        self._kick()
+
+    def _kick(self) -> None:
+        """Look at every slot again soon: one look at a time, another if events came
+        during it."""
+        self._recheck = True
+        if self._loop is None or self._stopped:
+            return
+        if self._checker is None or self._checker.done():
+            self._checker = self._loop.create_task(self._check_all(), name="vrrp-check")
+
+    async def _check_all(self) -> None:
+        while self._recheck and not self._stopped:
+            self._recheck = False
+            for slot in self.slots.values():
+                try:
+                    await self._check(slot)
+                except Exception as exc:
+                    self._log(
+                        logging.WARNING,
+                        ("check", slot.key),
+                        "VRRP %s: cannot read the state of %s: %s",
+                        slot.names(),
+                        slot.key.interface,
+                        exc,
+                    )
+                    self._retry_later()
+            self._arm()
+
+    def _retry_later(self) -> None:
+        """After a failure that no event will follow (a socket error): look again in 1 s."""
+        if self._retry is None and self._loop is not None and not self._stopped:
+
+            def fire() -> None:
+                self._retry = None
+                self._kick()
+
+            self._retry = self._loop.call_later(1.0, fire)
+
+    async def _check(self, slot: _Slot) -> None:
+        """Bring ``slot`` in line with its interface: running with its sockets open on the
+        interface's current device and its source address there, or down saying why."""
+        key = slot.key
+        ifname = key.interface
+        ifindex = await self.addresses.ifindex(ifname)
+        if ifindex is None:
+            self._down(slot, f"interface {ifname} does not exist")
+            return
+        slot.ifindex = ifindex
+        if not link_is_up(ifname):
+            self._down(slot, "link down")
+            return
+        channel = slot.channel
+        lost: str | None = None
+        if slot.up and channel is not None:
+            if channel.ifindex != ifindex:
+                lost = f"{ifname} was re-created"
+            elif await self.addresses.present(channel.source, None if key.unicast_src else ifindex):
+                return  # running as it should
+            else:
+                lost = f"its source {_text(channel.source)} was removed"
+        source: bytes | None
+        if key.unicast_src is not None:
+            source = key.unicast_src
+            if not await self.addresses.present(source):
+                self._down(slot, f"unicast-src {_text(source)} is not an address of this host")
+                return
+        elif channel is not None and await self.addresses.present(channel.source, ifindex):
+            source = channel.source  # the same source as before the fault, if still there
+        elif key.family == 4:
+            source = await self.addresses.primary_ipv4(ifindex, exclude=slot.exclude)
+            if source is None:
+                self._down(slot, f"{ifname} has no IPv4 address")
+                return
+        else:
+            source = await self.addresses.link_local(ifindex)
+            if source is None:
+                self._down(slot, f"{ifname} has no usable IPv6 link-local address")
+                return
+        if lost is not None:
+            # The source changes: through FAULT, so that the election starts again with it.
+            self._down(slot, lost)
+        if self._stopped or slot.up or not link_is_up(ifname):
+            return  # changed while we looked; the event that said so looks again
+        new = VrrpChannel(
+            ChannelKey(ifname, key.family, source if key.unicast else None),
+            ifindex=ifindex,
+            source=source,
+            on_packet=functools.partial(self._on_packet, slot),
+        )
+        try:
+            new.open()
+        except VrrpSocketError as exc:
+            self._down(slot, f"cannot open its socket: {exc}")
+            self._retry_later()
+            return
+        if channel is not None:
+            new.adopt_counters(channel)
+            channel.close()
+        slot.channel = new
+        assert self._loop is not None
+        new.start(self._loop)
+        if channel is not None and channel.ifindex != ifindex:
+            log.info("VRRP: sockets reopened on the new %s", ifname)
+        log.info("VRRP %s: sending from %s on %s", slot.names(), _text(source), ifname)
+        self._up(slot)
+
+    def _down(self, slot: _Slot, why: str) -> None:
+        """The slot's instances cannot run: FAULT for the group (said once per cause)."""
+        slot.problem = why
+        if why not in (slot.warned, "link down"):  # the link watcher logs link changes
+            slot.warned = why
+            log.warning("VRRP %s: %s; FAULT until that changes", slot.names(), why)
+        if not slot.up:
+            return
+        slot.up = False
+        if self.group is not None:
+            now = self._now()
+            for inst in slot.instances:
+                self._dispatch(self.group.link(inst.name, False, now, why))
+        # After the FAULT transition: a member still on the socket may resign through it.
+        if slot.channel is not None:
+            slot.channel.close()
+
+    def _up(self, slot: _Slot) -> None:
+        """The slot's sockets are open with their source: its instances may run."""
+        channel = slot.channel
+        assert channel is not None
+        why = "link up" if slot.problem == "link down" else f"sending from {_text(channel.source)}"
+        slot.up, slot.problem, slot.warned = True, None, None
+        if self.group is None:
+            return
+        now = self._now()
+        for inst in slot.instances:
+            self.group.set_primary(inst.name, channel.source)
+        for inst in slot.instances:
+            self._dispatch(self.group.link(inst.name, True, now, why))
+        self._announce_sources(slot)
         self._arm()
 
-    def _announce_sources(self, ifname: str | None = None) -> None:
+    def _announce_sources(self, slot: _Slot | None = None) -> None:
         """Unicast instances: one gratuitous ARP / unsolicited NA for our own source address,
         as keepalived sends when it starts or leaves FAULT. A peer that sent us adverts
         before we existed holds a failed neighbour entry for us; refreshed, its adverts
         reach us before our Master_Down runs out (else both would be master for a moment)."""
-        for inst in self.instances.values():
-            if not inst.peers or (ifname is not None and inst.cfg.interface != ifname):
+        for each in [slot] if slot is not None else list(self.slots.values()):
+            channel = each.channel
+            if not each.key.unicast or not each.up or channel is None:
                 continue
-            source = [inst.channel.source]
-            if inst.cfg.family == 4:
-                send_garp(inst.cfg.interface, source, 1)
+            ifname = each.key.interface
+            if each.key.family == 4:
+                send_garp(ifname, [channel.source], 1)
             else:
-                send_unsolicited_na(inst.cfg.interface, inst.ifindex, source, 1)
-
-    def _recreated(self, ifname: str) -> bool:
-        try:
-            index = socket.if_nametoindex(ifname)
-        except OSError:
-            return False
-        return any(
-            i.cfg.interface == ifname and i.ifindex != index for i in self.instances.values()
-        )
-
-    async def _reopen(self, ifname: str, attempts: int = 30) -> None:
-        """Open the instances' sockets on the re-created ``ifname``, then report it up.
-
-        The source address must be the one the instances started with (it is in every
-        advert and in the tie-break); if it changed, or never comes back, the instances
-        stay in FAULT and the log says to restart the agent.
-        """
-        for _ in range(attempts):
-            if self._stopped or not link_is_up(ifname):
-                return
-            try:
-                if await self._reopen_once(ifname):
-                    log.info("VRRP: sockets reopened on the new %s", ifname)
-                    assert self.group is not None
-                    for inst in self.instances.values():
-                        if inst.cfg.interface == ifname:
-                            self._dispatch(self.group.link(inst.name, True, self._now()))
-                    self._arm()
-                    return
-            except (VrrpSocketError, OSError) as exc:
-                log.warning("VRRP: reopening %s failed: %s", ifname, exc)
-            await asyncio.sleep(1.0)  # addresses may come a moment after the link
-        log.error(
-            "VRRP: %s was re-created and its instances cannot reopen their sockets with the"
-            " same source address; they stay in FAULT: restart ctsync",
-            ifname,
-        )
-
-    async def _reopen_once(self, ifname: str) -> bool:
-        ifindex = await self.addresses.ifindex(ifname)
-        if ifindex is None:
-            return False
-        affected = [i for i in self.instances.values() if i.cfg.interface == ifname]
-        for inst in affected:
-            if inst.cfg.unicast_src is not None:
-                continue
-            vips = [v.address for v in inst.vips]
-            if inst.cfg.family == 4:
-                source = await self.addresses.primary_ipv4(ifindex, exclude=vips)
-            else:
-                source = await self.addresses.link_local(ifindex)
-            if source != inst.channel.source:
-                return False  # not there yet, or another address: wait
-        new: dict[ChannelKey, VrrpChannel] = {}
-        for inst in affected:
-            old = inst.channel
-            channel = new.get(old.key)
-            if channel is None:
-                channel = VrrpChannel(
-                    old.key, ifindex=ifindex, source=old.source, on_packet=self._on_packet
-                )
-                channel.open()
-                new[old.key] = channel
-            inst.channel, inst.ifindex = channel, ifindex
-        for key, channel in new.items():
-            self.channels[key].close()
-            self.channels[key] = channel
-            channel.start(self._loop)
-        return True
+                send_unsolicited_na(ifname, channel.ifindex, [channel.source], 1)
 
     def _arm(self) -> None:
         """One timer, for the state machine's next deadline."""
@@ -548,6 +693,8 @@ class VrrpSpeaker:
             auth_data=inst.expect.auth_data if inst.expect.auth_type else b"",
         )
         channel = inst.channel
+        if channel is None:
+            return  # never opened: the instance is in FAULT, and sends nothing there
         for dst in inst.peers or [channel.group]:
             msg = encode_advert(adv, src=channel.source, dst=dst, old_checksum=inst.old_checksum)
             if channel.send(msg, dst):
@@ -584,12 +731,13 @@ class VrrpSpeaker:
         if work.kind == "remove":
             await self._remove(inst)
         elif work.kind == "add":
-            if not current:
+            ifindex = inst.ifindex
+            if not current or ifindex is None:
                 log.info("VRRP %s: no longer master; addresses not added", inst.name)
                 return
             self._holding.add(inst.name)
             for vip in inst.vips:
-                await self.addresses.add(inst.ifindex, vip)
+                await self.addresses.add(ifindex, vip)
         elif work.kind == "announce" and current:
             self._announce(inst)
             delay = inst.cfg.garp_master_delay
@@ -609,7 +757,7 @@ class VrrpSpeaker:
         addrs = [v.address for v in inst.vips]
         if inst.cfg.family == 4:
             send_garp(inst.cfg.interface, addrs, count)
-        else:
+        elif inst.ifindex is not None:
             send_unsolicited_na(inst.cfg.interface, inst.ifindex, addrs, count)
 
     def _cancel_announces(self, inst: _Instance) -> None:
@@ -619,9 +767,12 @@ class VrrpSpeaker:
 
     async def _remove(self, inst: _Instance) -> None:
         self._holding.discard(inst.name)
+        ifindex = inst.ifindex
+        if ifindex is None:
+            return  # the interface never existed: nothing of ours on it
         for vip in inst.vips:
             try:
-                await self.addresses.remove(inst.ifindex, vip)
+                await self.addresses.remove(ifindex, vip)
             except Exception:
                 log.exception("VRRP %s: removing %s failed", inst.name, vip)
 
@@ -640,8 +791,9 @@ class VrrpSpeaker:
                     "family": inst.cfg.family,
                     "version": inst.cfg.version,
                     "virtual_router_id": inst.cfg.virtual_router_id,
-                    "mode": "multicast" if inst.channel.multicast else "unicast",
-                    "source": _text(inst.channel.source),
+                    "mode": "unicast" if inst.slot.key.unicast else "multicast",
+                    "source": _text(inst.channel.source) if inst.channel is not None else None,
+                    "problem": inst.slot.problem,
                     "virtual_addresses": [str(v) for v in inst.vips],
                     **_instance_view(view, inst),
                     "adverts_sent": inst.sent,
@@ -659,7 +811,7 @@ class VrrpSpeaker:
             "transitions": list(self.group_transitions),
             "instances": instances,
             "unknown_vrid": self.unknown_vrid,
-            "channels": [c.stats() for c in self.channels.values()],
+            "channels": [s.channel.stats() for s in self.slots.values() if s.channel is not None],
         }
 
 

@@ -53,7 +53,8 @@ def _load(path: Path, *, check_files: bool) -> Config:
 @click.option(
     "--no-file-checks",
     is_flag=True,
-    help="Do not check the files the configuration names (the key file).",
+    help="Check the file alone: not the files it names (the key file) nor whether this"
+    " host has the interfaces it names (for a file meant for another host).",
 )
 def check_cmd(path: Path, no_file_checks: bool) -> None:
     """Validate PATH (like keepalived -t).
@@ -62,9 +63,40 @@ def check_cmd(path: Path, no_file_checks: bool) -> None:
     "PATH: KEY: MESSAGE" line per error on stderr.
     """
     config = _load(path, check_files=not no_file_checks)
-    for key, message in config.warnings():
+    warnings = config.warnings()
+    if not no_file_checks:
+        warnings += host_warnings(config)
+    for key, message in warnings:
         click.echo(f"{path}: warning: {key}: {message}", err=True)
     click.echo(f"{path}: configuration OK")
+
+
+def host_warnings(config: Config) -> list[tuple[str, str]]:
+    """Interfaces the configuration names that this host does not have (now).
+
+    Warnings, not errors: the agent may start before an interface exists (a VLAN or a bond
+    made later at boot) and a VRRP instance waits for it in FAULT. But a misspelt name
+    would wait forever, so say it here."""
+    import socket
+
+    names: list[tuple[str, str]] = []
+    if config.sync.interface is not None:
+        names.append(("sync.interface", config.sync.interface))
+    names += [
+        (f"sync.link[{i}].interface", link.interface) for i, link in enumerate(config.sync.link)
+    ]
+    if config.failover.mechanism == "vrrp":
+        names += [
+            (f"vrrp.instance[{i}].interface", inst.interface)
+            for i, inst in enumerate(config.vrrp.instance)
+        ]
+    out: list[tuple[str, str]] = []
+    for key, name in names:
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            out.append((key, f"interface {name!r} does not exist on this host (now)"))
+    return out
 
 
 @config_group.command("show")

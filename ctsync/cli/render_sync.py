@@ -111,9 +111,10 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(f"vrrp sync-group       : {vrrp.get('sync_group')} {vrrp.get('state')}")
         for inst in vrrp.get("instances", []):
             master = inst.get("master") or "-"
+            problem = f" ({inst['problem']})" if inst.get("problem") else ""
             lines.append(
                 f"vrrp {inst['name']:<16} : {inst['state']}, priority {inst['priority']},"
-                f" master {master}"
+                f" master {master}{problem}"
             )
     lines.extend(status_lines(status.get("gateways") or []))
     transitions = (status.get("failover") or {}).get("transitions") or []

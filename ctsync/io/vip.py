@@ -12,7 +12,9 @@
   link-layer address option.
 * Link state: rtnetlink link events (``RTMGRP_LINK``) on a plain netlink socket read by
   the event loop; an interface is up when it is ``IFF_UP`` and ``IFF_RUNNING`` (keepalived's
-  rule), and the callback runs only when that changes.
+  rule), and the callback runs only when that changes. The same socket can report that
+  addresses changed (``RTMGRP_IPV4_IFADDR`` / ``RTMGRP_IPV6_IFADDR``): the speaker waits
+  for the address it sends from, which may come after the agent started.
 
 Everything acts on the network namespace the process (or the thread that opens the
 socket) is in.
@@ -29,7 +31,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +43,9 @@ log = logging.getLogger("ctsync.vrrp")
 
 IFA_F_SECONDARY = 0x01
 IFA_F_NODAD = 0x02
-IFA_F_TENTATIVE = 0x40
+IFA_F_OPTIMISTIC = 0x04
 IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
 _IFF_UP = 0x1
 _IFF_RUNNING = 0x40
 _SIOCGIFFLAGS = 0x8913
@@ -58,8 +61,12 @@ _NA_FLAG_OVERRIDE = 0x20
 _ND_OPT_TARGET_LL = 2
 
 _RTMGRP_LINK = 0x1
+_RTMGRP_IPV4_IFADDR = 0x10
+_RTMGRP_IPV6_IFADDR = 0x100
 _RTM_NEWLINK = 16
 _RTM_DELLINK = 17
+_RTM_NEWADDR = 20
+_RTM_DELADDR = 21
 _NLMSG_HDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _IFLA_IFNAME = 3
@@ -106,6 +113,14 @@ def _flags(msg: Any) -> int:
     return int(value if value is not None else msg["flags"])
 
 
+def usable(flags: int) -> bool:
+    """An address packets can be sent from: not failed, and past DAD (or optimistic);
+    the kernel refuses a tentative IPv6 source (EINVAL), as keepalived's log shows."""
+    if flags & IFA_F_DADFAILED:
+        return False
+    return not flags & IFA_F_TENTATIVE or bool(flags & IFA_F_OPTIMISTIC)
+
+
 class Addresses:
     """rtnetlink access for the speaker: interface lookups and virtual addresses.
 
@@ -136,12 +151,14 @@ class Addresses:
         found = await self._need().link_lookup(ifname=ifname)
         return int(found[0]) if found else None
 
-    async def list(self, ifindex: int, family: int) -> list[tuple[bytes, int, int]]:
-        """``(packed address, prefixlen, flags)`` of the interface, in kernel order."""
+    async def list(self, ifindex: int | None, family: int) -> list[tuple[bytes, int, int]]:
+        """``(packed address, prefixlen, flags)`` of the interface (None: of every
+        interface), in kernel order."""
         out = []
-        async for msg in await self._need().addr("dump", index=ifindex, family=_af(family)):
-            text = msg.get("IFA_ADDRESS")
-            if text is None or msg["index"] != ifindex:
+        kwargs: dict[str, Any] = {} if ifindex is None else {"index": ifindex}
+        async for msg in await self._need().addr("dump", family=_af(family), **kwargs):
+            text = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+            if text is None or (ifindex is not None and msg["index"] != ifindex):
                 continue
             out.append((socket.inet_pton(_af(family), text), int(msg["prefixlen"]), _flags(msg)))
         return out
@@ -155,14 +172,19 @@ class Addresses:
         return None
 
     async def link_local(self, ifindex: int) -> bytes | None:
-        """The interface's link-local IPv6 address (a usable one first)."""
-        found = [
-            (addr, flags)
-            for addr, _plen, flags in await self.list(ifindex, 6)
-            if addr[:2] == b"\xfe\x80" and not flags & IFA_F_DADFAILED
-        ]
-        found.sort(key=lambda item: bool(item[1] & IFA_F_TENTATIVE))
-        return found[0][0] if found else None
+        """The interface's first usable link-local IPv6 address (None while DAD runs)."""
+        for addr, _plen, flags in await self.list(ifindex, 6):
+            if addr[:2] == b"\xfe\x80" and usable(flags):
+                return addr
+        return None
+
+    async def present(self, address: bytes, ifindex: int | None = None) -> bool:
+        """Whether *address* is a usable address of the interface (None: of the host)."""
+        family = 4 if len(address) == 4 else 6
+        return any(
+            addr == address and usable(flags)
+            for addr, _plen, flags in await self.list(ifindex, family)
+        )
 
     async def has(self, ifindex: int, vip: Vip) -> bool:
         return any(addr == vip.address for addr, _p, _f in await self.list(ifindex, vip.family))
@@ -300,14 +322,22 @@ LinkHandler = Callable[[str, bool], None]
 
 
 class LinkWatcher:
-    """Calls ``on_link(ifname, up)`` when a watched interface goes up or down.
+    """Calls ``on_link(ifname, up)`` when a watched interface goes up or down, and
+    ``on_addresses()`` (if given) when any address of the host was added or removed.
 
-    Reads rtnetlink link events from the event loop; after an overrun (ENOBUFS: events
-    were lost) it re-reads every watched interface's flags instead.
+    Reads rtnetlink events from the event loop; after an overrun (ENOBUFS: events were
+    lost) it re-reads every watched interface's flags instead, and reports the addresses
+    as changed (the receiver reads them itself: the events only say "look again").
     """
 
-    def __init__(self, interfaces: Iterable[str], on_link: LinkHandler) -> None:
+    def __init__(
+        self,
+        interfaces: Iterable[str],
+        on_link: LinkHandler,
+        on_addresses: Callable[[], None] | None = None,
+    ) -> None:
         self.on_link = on_link
+        self.on_addresses = on_addresses
         self.state: dict[str, bool] = {}
         # ifindex -> watched name: an interface renamed or moved to another namespace
         # (how `docker network disconnect` takes it away) is reported under its old index
@@ -325,9 +355,12 @@ class LinkWatcher:
         sock = socket.socket(
             socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE
         )
+        groups = _RTMGRP_LINK
+        if self.on_addresses is not None:
+            groups |= _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV6_IFADDR
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-            sock.bind((0, _RTMGRP_LINK))
+            sock.bind((0, groups))
         except OSError:
             sock.close()
             raise
@@ -356,6 +389,14 @@ class LinkWatcher:
         for ifname in list(self.state):
             self._set(ifname, bool(link_is_up(ifname)))
 
+    def _addresses_changed(self) -> None:
+        if self.on_addresses is None:
+            return
+        try:
+            self.on_addresses()
+        except Exception:
+            log.exception("address handler failed")
+
     def _readable(self) -> None:
         assert self.sock is not None
         for _ in range(64):
@@ -368,9 +409,13 @@ class LinkWatcher:
                     self.overruns += 1
                     log.warning("link events were lost (ENOBUFS); re-reading link states")
                     self.rescan()
+                    self._addresses_changed()
                     continue
                 log.warning("link events: %s", exc.strerror or exc)
                 return
+            if self.on_addresses is not None and has_address_events(data):
+                self.events += 1
+                self._addresses_changed()
             for index, ifname, up in parse_link_events(data):
                 self.events += 1
                 old = self.index.get(index)
@@ -383,24 +428,33 @@ class LinkWatcher:
                     self._set(ifname, up)
 
 
-def parse_link_events(data: bytes) -> list[tuple[int, str, bool]]:
-    """``(ifindex, ifname, up)`` of each RTM_NEWLINK / RTM_DELLINK in a netlink datagram."""
-    out: list[tuple[int, str, bool]] = []
+def _messages(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """``(type, body offset, end)`` of each whole netlink message in a datagram."""
     off = 0
     while off + _NLMSG_HDR.size <= len(data):
         length, kind, _flags, _seq, _pid = _NLMSG_HDR.unpack_from(data, off)
         if length < _NLMSG_HDR.size or off + length > len(data):
-            break
-        if kind in (_RTM_NEWLINK, _RTM_DELLINK):
-            body = off + _NLMSG_HDR.size
-            if body + _IFINFOMSG.size <= off + length:
-                _family, _type, index, ifflags, _change = _IFINFOMSG.unpack_from(data, body)
-                name = _attr(data, body + _IFINFOMSG.size, off + length, _IFLA_IFNAME)
-                if name is not None:
-                    up = kind == _RTM_NEWLINK and bool(ifflags & _IFF_UP and ifflags & _IFF_RUNNING)
-                    out.append((index, name.split(b"\0", 1)[0].decode(errors="replace"), up))
+            return
+        yield kind, off + _NLMSG_HDR.size, off + length
         off += (length + 3) & ~3
+
+
+def parse_link_events(data: bytes) -> list[tuple[int, str, bool]]:
+    """``(ifindex, ifname, up)`` of each RTM_NEWLINK / RTM_DELLINK in a netlink datagram."""
+    out: list[tuple[int, str, bool]] = []
+    for kind, body, end in _messages(data):
+        if kind in (_RTM_NEWLINK, _RTM_DELLINK) and body + _IFINFOMSG.size <= end:
+            _family, _type, index, ifflags, _change = _IFINFOMSG.unpack_from(data, body)
+            name = _attr(data, body + _IFINFOMSG.size, end, _IFLA_IFNAME)
+            if name is not None:
+                up = kind == _RTM_NEWLINK and bool(ifflags & _IFF_UP and ifflags & _IFF_RUNNING)
+                out.append((index, name.split(b"\0", 1)[0].decode(errors="replace"), up))
     return out
+
+
+def has_address_events(data: bytes) -> bool:
+    """Whether a netlink datagram holds an RTM_NEWADDR or RTM_DELADDR."""
+    return any(kind in (_RTM_NEWADDR, _RTM_DELADDR) for kind, _b, _e in _messages(data))
 
 
 def _attr(data: bytes, start: int, end: int, wanted: int) -> bytes | None:

@@ -63,7 +63,20 @@ _LINK_ERRNOS = frozenset(
 
 
 class VrrpSocketError(Exception):
-    """A channel cannot be opened (no such interface, no source address...): startup error."""
+    """A channel cannot be opened (no raw sockets, no such interface, no source address...)."""
+
+
+def check_raw_socket(family: int) -> None:
+    """Raise :class:`VrrpSocketError` if this process cannot open a raw VRRP socket.
+
+    The speaker opens its channels only once their interface and source address exist,
+    which may be long after the start; a missing privilege must not wait that long.
+    """
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    try:
+        socket.socket(af, socket.SOCK_RAW, VRRP_PROTO).close()
+    except OSError as exc:
+        raise VrrpSocketError(f"raw IPv{family} VRRP socket: {exc.strerror or exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +249,15 @@ class VrrpChannel:
         if not self._reading:
             (loop or asyncio.get_running_loop()).add_reader(self.sock.fileno(), self._readable)
             self._reading = True
+
+    def adopt_counters(self, old: VrrpChannel) -> None:
+        """Carry the counters of the channel this one replaces (same interface, reopened)."""
+        self.sent += old.sent
+        self.send_errors += old.send_errors
+        self.received += old.received
+        self.receive_errors += old.receive_errors
+        self.malformed.update(old.malformed)
+        self._ident = old._ident
 
     def close(self) -> None:
         if self.sock is None:

@@ -766,10 +766,25 @@ def run(*args: str) -> Result:
 
 def test_cli_check_ok(tmp_path: Path) -> None:
     path = write_config(tmp_path, write_key(tmp_path))
+    path.write_text(path.read_text().replace('interface = "eth1"', 'interface = "lo"'))
     result = run("check", str(path))
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{path}: configuration OK\n"
     assert result.stderr == ""
+
+
+def test_cli_check_warns_about_interfaces_this_host_lacks(tmp_path: Path) -> None:
+    # Valid (the agent waits for a late interface), but a misspelt name would wait forever.
+    path = write_config(tmp_path, write_key(tmp_path))
+    path.write_text(path.read_text().replace('interface = "eth1"', 'interface = "ctsync-none0"'))
+    result = run("check", str(path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{path}: configuration OK\n"
+    assert result.stderr == (
+        f"{path}: warning: sync.interface: interface 'ctsync-none0' does not exist on this"
+        " host (now)\n"
+    )
+    assert run("check", "--no-file-checks", str(path)).stderr == ""
 
 
 def test_cli_check_reports_every_error(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 Pure: the runner feeds events with the current monotonic time (``start``, ``receive`` for
 an advert that already passed :func:`~ctsync.core.vrrp.packet.check_advert`, ``tick`` at
 :meth:`SyncGroup.next_deadline`, ``link``, ``shutdown``) and executes the returned
-actions in list order.
+actions in list order. ``link`` says whether an instance can run at all: its interface
+up, and (the runner's business) existing, with the source address the instance sends
+from; ``set_primary`` fixes that address while the instance cannot run.
 
 Every instance belongs to one sync group (a lone instance is a group of one), so all
 members always share the group's state: any member falling to BACKUP takes the others
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from ctsync.core.vrrp.packet import Advert, master_down_us, skew_us
@@ -147,6 +149,7 @@ class _Member:
         self.master_priority: int | None = None
         self.wants_master = False
         self.link_up = True
+        self.down_why = ""  # why the link is "down" (the runner's words)
         self.preempt_until: float | None = None
         self.reason = ""
 
@@ -245,9 +248,9 @@ class SyncGroup:
         if self._state is not State.INIT:
             return []
         actions: list[Action] = [RemoveAddresses(n) for n in self._members]
-        if not all(m.link_up for m in self._members.values()):
-            down = [n for n, m in self._members.items() if not m.link_up]
-            actions += self._enter(State.FAULT, f"{down[0]}: link down", None)
+        down = [m for m in self._members.values() if not m.link_up]
+        if down:
+            actions += self._enter(State.FAULT, f"{down[0].p.name}: {down[0].down_why}", None)
             return actions
         members = self._members.values()
         if all(m.p.start_master for m in members):
@@ -283,24 +286,45 @@ class SyncGroup:
             else:
                 actions += self._down_expired(m, now)
 
-    def link(self, instance: str, up: bool, now: float) -> list[Action]:
-        """The instance's interface went down (FAULT for the group) or back up."""
+    def link(self, instance: str, up: bool, now: float, why: str | None = None) -> list[Action]:
+        """The instance can no longer run (FAULT for the group) or can again.
+
+        ``why`` goes into the transition's reason ("link down" / "link up" by default):
+        the runner also reports an interface that does not exist, or has no address to
+        send from, as down.
+        """
         m = self._members[instance]
         if m.link_up == up:
             return []
         m.link_up = up
+        why = why or ("link up" if up else "link down")
+        if not up:
+            m.down_why = why
         if self._state in (State.INIT, State.STOP):
             return []
         if not up:
             if self._state is State.FAULT:
                 return []
-            return self._enter(State.FAULT, f"{instance}: link down", m)
+            return self._enter(State.FAULT, f"{instance}: {why}", m)
         if self._state is not State.FAULT or not all(x.link_up for x in self._members.values()):
             return []
-        actions = self._enter(State.BACKUP, f"{instance}: link up", m)
+        actions = self._enter(State.BACKUP, f"{instance}: {why}", m)
         for x in self._members.values():
             x.down_at = now + x.master_down()
         return actions
+
+    def set_primary(self, instance: str, primary: bytes) -> None:
+        """The instance's source address, learned after the group was built.
+
+        Only while the instance is down (``link(instance, False, ...)``): the address is in
+        every advert and in the tie-break, so it is fixed while the instance runs.
+        """
+        m = self._members[instance]
+        if m.link_up:
+            raise ValueError(f"instance {instance!r}: its source changes only while it is down")
+        if len(primary) != (4 if m.p.family == 4 else 16):
+            raise ValueError(f"instance {instance!r}: not an IPv{m.p.family} address")
+        m.p = replace(m.p, primary=primary)
 
     def shutdown(self, now: float) -> list[Action]:
         """Graceful stop: masters resign with a priority-0 advert and drop their addresses."""
