@@ -32,7 +32,7 @@ rebuild the NAT binding.
 
 from __future__ import annotations
 
-import operator
+import re
 import struct
 from typing import Final
 
@@ -232,27 +232,28 @@ def parse_ct(buf: Buffer, start: int, end: int) -> Parsed:
 
     The kernel sends a few fixed attribute layouts over and over (an event of a TCP
     connection: the two tuples, id, status, timeout, protoinfo, ...): the first message of
-    each layout is parsed attribute by attribute and teaches a whole-message struct, so the
-    next ones take one ``unpack`` and a header check (:class:`_Layout`). See
-    :func:`_parse_walk` for the result.
+    each layout is parsed attribute by attribute and teaches a whole-message pattern and
+    struct, so the next ones take one header match and one ``unpack`` (:class:`_Layout`).
+    See :func:`_parse_walk` for the result.
     """
     candidates = _LAYOUTS.get(end - start)
     if candidates is not None:
         for layout in candidates:
-            parts = layout.parse(buf, start)
+            parts = layout.parse(buf, start, end)
             if parts is not None:
                 return parts
     parts = _parse_walk(buf, start, end)
     length = end - start
     if len(_LAYOUTS) < _MAX_LAYOUT_LENGTHS and (candidates is None or len(candidates) < 4):
-        # A layout learn() cannot take (a DESTROY event's short TCP protoinfo) comes back
-        # with every such event: after a few failures, try again only every
-        # _LEARN_RETRY_EVERY messages of that length, so that a learnable layout of the
-        # same length is still learned soon, without a failed learn per event meanwhile.
+        # A layout learn() cannot take (an ICMP or SCTP entry's, one with labels, a helper
+        # or a live synproxy) comes back with every such event: after a few failures, try
+        # again only every _LEARN_RETRY_EVERY messages of that length, so that a learnable
+        # layout of the same length is still learned soon, without a failed learn per
+        # event meanwhile. A layout is kept only if it reads its first message as the walk.
         failures = _UNLEARNABLE.get(length, 0)
         if failures < _LEARN_TRIES or failures % _LEARN_RETRY_EVERY == 0:
             learned = _Layout.learn(buf, start, end)
-            if learned is not None:
+            if learned is not None and learned.parse(buf, start, end) == parts:
                 _LAYOUTS.setdefault(length, []).append(learned)
                 _UNLEARNABLE.pop(length, None)
                 return parts
@@ -405,66 +406,121 @@ def _rare_order(tlv: bytes) -> int:
 
 _MAX_LAYOUT_LENGTHS: Final = 64
 _LAYOUTS: dict[int, list[_Layout]] = {}
-_PORTS_TUPLE_FMT: Final = {
-    4: "I I4s I4s I I B3x I 2s2x I 2s2x",
-    16: "I I16s I16s I I B3x I 2s2x I 2s2x",
-}
-_PORTS_TUPLE_HDRS: Final = {4: _H_V4_PORTS, 16: _H_V6_PORTS}
 _SKIPPED_TYPES: Final = frozenset(
     {nl.CTA_USE, nl.CTA_COUNTERS_ORIG, nl.CTA_COUNTERS_REPLY, nl.CTA_TIMESTAMP,
      nl.CTA_TIMESTAMP_EVENT, nl.CTA_SECMARK}
 )  # fmt: skip
 _FIXED_U32: Final = {nl.CTA_STATUS: P_STATUS, nl.CTA_TIMEOUT: P_TIMEOUT, nl.CTA_MARK: P_MARK,
                      nl.CTA_ID: P_ID}  # fmt: skip
-_ZERO_SYNPROXY_BODY: Final = _ZERO_SYNPROXY[4:]
+_U32_SLOT: Final = {nl.CTA_STATUS: 0, nl.CTA_TIMEOUT: 1, nl.CTA_MARK: 2, nl.CTA_ID: 3}
+# CTA_PROTOINFO of a TCP entry's DESTROY event: the state alone (the kernel's tcp_to_nlattr
+# leaves window scales and flags out for a dying entry). The walk packs it as a state with
+# zero scales and flags, as _TCP_STATE_ONLY does.
+_P_TCP_STATE = struct.Struct("=I IB3x")
+_H_P_TCP_STATE = (_hdr(12, _N | nl.CTA_PROTOINFO_TCP), _hdr(5, nl.CTA_PROTOINFO_TCP_STATE))
+_TCP_STATE_ONLY: Final = tuple(_TCP.pack(state, 0, 0, 0, 0, 0, 0) for state in range(256))
+
+
+class _LayoutBuilder:
+    """What :meth:`_Layout.learn` accumulates while it walks the first message of a layout:
+    a regular expression that matches the bytes the walk's result depends on besides the
+    values (every attribute header, nested ones included; a zero synproxy) and lets any
+    other byte through, and a big-endian struct that reads the values and skips the rest."""
+
+    def __init__(self, buf: Buffer) -> None:
+        self.buf = buf
+        self.pattern: list[bytes] = []
+        self.fmt: list[str] = []
+        self.count = 0  # values the struct yields so far
+
+    def literal(self, raw: bytes) -> None:
+        self.pattern.append(re.escape(raw))
+        self.fmt.append(f"{len(raw)}x")
+
+    def header(self, off: int) -> None:
+        self.literal(bytes(self.buf[off : off + 4]))
+
+    def free(self, size: int) -> None:
+        """Bytes the walk never reads (padding, attributes it ignores)."""
+        if size:
+            self.pattern.append(b"." * size)
+            self.fmt.append(f"{size}x")
+
+    def value(self, code: str, size: int) -> int:
+        """A value of the struct (``code``, ``size`` bytes); returns its index."""
+        self.pattern.append(b"." * size)
+        self.fmt.append(code)
+        self.count += 1
+        return self.count - 1
+
+    def ports_tuple(self, off: int, size: int) -> int:
+        """A canonical ports tuple attribute at ``off`` (see _T_V4_PORTS): five values,
+        src dst proto sport dport; returns the first one's index."""
+        header = self.header
+        header(off)  # CTA_TUPLE_*
+        header(off + 4)  # CTA_TUPLE_IP
+        header(off + 8)  # CTA_IP_*_SRC
+        first = self.value(f"{size}s", size)
+        o = off + 12 + size
+        header(o)  # CTA_IP_*_DST
+        self.value(f"{size}s", size)
+        o += 4 + size
+        header(o)  # CTA_TUPLE_PROTO
+        header(o + 4)  # CTA_PROTO_NUM
+        self.value("B", 1)
+        self.free(3)
+        header(o + 12)  # CTA_PROTO_SRC_PORT
+        self.value("2s", 2)
+        self.free(2)
+        header(o + 20)  # CTA_PROTO_DST_PORT
+        self.value("2s", 2)
+        self.free(2)
+        return first
 
 
 class _Layout:
-    """One message layout the kernel sends, as a single native struct over the whole body.
+    """One message layout the kernel sends: a regular expression checks that a message has
+    exactly the learned attribute headers, then one big-endian struct reads its values.
 
     Learned only from layouts made of attributes it can take apart at fixed offsets (the
-    IPv4/IPv6 ports tuples, the u32 fields, TCP protoinfo, a zero synproxy, attributes the
-    cache ignores); a message whose headers do not all match is parsed the slow way.
+    IPv4/IPv6 ports tuples, the u32 fields, TCP protoinfo in its full and its DESTROY
+    form, a zero synproxy, attributes the cache ignores), each at most once; a message
+    that does not match is parsed the slow way.
     """
 
     __slots__ = (
-        "_hdr_idx",
-        "_hdrs",
+        "_match",
         "_orig",
         "_reply",
-        "_size",
-        "_st",
-        "_syn",
         "_tcp",
+        "_tcp_state",
         "_u32",
+        "_unpack",
+        "key_struct",
         "kind",
         "present",
     )  # fmt: skip
 
-    def __init__(self, fmt: str, hdr_idx: list[int], hdrs: tuple[int, ...], size: int,
-                 orig: int, reply: int, u32: dict[str, int], tcp: int, syn: int,
-                 present: int) -> None:  # fmt: skip
-        self._st = struct.Struct("=" + fmt)
-        self._hdr_idx = operator.itemgetter(*hdr_idx)
-        self._hdrs = hdrs
-        self._size = size
+    def __init__(self, b: _LayoutBuilder, size: int, orig: int, reply: int, u32: list[int],
+                 tcp: int, tcp_state: int, present: int) -> None:  # fmt: skip
+        self._match = re.compile(b"".join(b.pattern), re.DOTALL).fullmatch
+        self._unpack = struct.Struct(">" + " ".join(b.fmt)).unpack_from
         self._orig = orig
         self._reply = reply
-        self._u32 = tuple(u32.get(name, -1) for name in ("status", "timeout", "mark", "id"))
+        self._u32 = tuple(u32)
         self._tcp = tcp
-        self._syn = syn
+        self._tcp_state = tcp_state
         self.present = present
         self.kind = KEY_V4_PORTS if size == 4 else KEY_V6_PORTS
+        self.key_struct = _K_V4_PORTS if size == 4 else _K_V6_PORTS
 
     @classmethod
     def learn(cls, buf: Buffer, start: int, end: int) -> _Layout | None:
-        fmt: list[str] = []
-        hdr_idx: list[int] = []
-        hdrs: list[int] = []
-        n = 0  # values the struct yields so far
-        size = orig = reply = tcp = syn = -1
-        u32: dict[str, int] = {}
+        b = _LayoutBuilder(buf)
+        size = orig = reply = tcp = tcp_state = -1
+        u32 = [-1, -1, -1, -1]  # status, timeout, mark, id
         present = 0
+        seen: set[int] = set()
         off = start
         while off + 4 <= end:
             alen, atype = _unpack_nla(buf, off)
@@ -472,7 +528,9 @@ class _Layout:
                 return None
             pad = -alen & 3
             t = atype & 0x3FFF
-            header = _hdr(alen, atype)
+            if t in seen:
+                return None  # the walk keeps the last one (or all, for rare ones)
+            seen.add(t)
             if t in (nl.CTA_TUPLE_ORIG, nl.CTA_TUPLE_REPLY):
                 compact = _compact_tuple(buf, off + 4, off + alen)
                 if compact is None or compact[0] not in (KEY_V4_PORTS, KEY_V6_PORTS):
@@ -481,103 +539,103 @@ class _Layout:
                 if size not in (-1, tsize):
                     return None
                 size = tsize
-                fmt.append("I " + _PORTS_TUPLE_FMT[tsize])
-                hdr_idx.append(n)
-                hdrs.append(header)
-                inner = [n + 1, n + 2, n + 4, n + 6, n + 7, n + 9, n + 11]
-                hdr_idx.extend(inner)
-                hdrs.extend(_PORTS_TUPLE_HDRS[tsize])
+                first = b.ports_tuple(off, tsize)
                 if t == nl.CTA_TUPLE_ORIG:
-                    orig = n
+                    orig = first
                 else:
-                    reply = n
-                n += 13
+                    reply = first
             elif t in _FIXED_U32 and alen == 8:
-                fmt.append("I 4s")
-                hdr_idx.append(n)
-                hdrs.append(header)
-                u32[{nl.CTA_STATUS: "status", nl.CTA_TIMEOUT: "timeout", nl.CTA_MARK: "mark",
-                     nl.CTA_ID: "id"}[t]] = n + 1  # fmt: skip
+                b.header(off)
+                u32[_U32_SLOT[t]] = b.value("I", 4)
                 present |= _FIXED_U32[t]
-                n += 2
             elif t == nl.CTA_PROTOINFO and alen == 48:
                 v = _P_TCP.unpack_from(buf, off + 4)
                 if (v[0], v[1], v[3], v[5], v[7], v[10]) != _H_P_TCP:
                     return None
-                fmt.append("I I IB3x IB3x IB3x IBB2x IBB2x")
-                hdr_idx.extend([n, n + 1, n + 2, n + 4, n + 6, n + 8, n + 11])
-                hdrs.extend((header, *_H_P_TCP))
-                tcp = n
+                b.header(off)  # CTA_PROTOINFO
+                b.header(off + 4)  # CTA_PROTOINFO_TCP
+                b.header(off + 8)  # state
+                tcp = b.value("B", 1)
+                b.free(3)
+                b.header(off + 16)  # window scale, original
+                b.value("B", 1)
+                b.free(3)
+                b.header(off + 24)  # window scale, reply
+                b.value("B", 1)
+                b.free(3)
+                b.header(off + 32)  # flags and mask, original
+                b.value("B", 1)
+                b.value("B", 1)
+                b.free(2)
+                b.header(off + 40)  # flags and mask, reply
+                b.value("B", 1)
+                b.value("B", 1)
+                b.free(2)
                 present |= P_PROTO
-                n += 14
+            elif t == nl.CTA_PROTOINFO and alen == 16:
+                v = _P_TCP_STATE.unpack_from(buf, off + 4)
+                if (v[0], v[1]) != _H_P_TCP_STATE:
+                    return None
+                b.header(off)  # CTA_PROTOINFO
+                b.header(off + 4)  # CTA_PROTOINFO_TCP
+                b.header(off + 8)  # state, nothing else: a DESTROY event
+                tcp_state = b.value("B", 1)
+                b.free(3)
+                present |= P_PROTO
             elif t == nl.CTA_SYNPROXY and alen == 28:
-                fmt.append("I 24s")
-                hdr_idx.append(n)
-                hdrs.append(header)
-                syn = n + 1
-                n += 2
+                # Only a zero synproxy is dropped by the walk: match it byte for byte.
+                if bytes(buf[off : off + 28]) != _ZERO_SYNPROXY:
+                    return None
+                b.literal(_ZERO_SYNPROXY)
             elif t in _SKIPPED_TYPES:
-                fmt.append(f"I {alen - 4 + pad}x" if alen - 4 + pad else "I")
-                hdr_idx.append(n)
-                hdrs.append(header)
-                n += 1
+                b.header(off)
+                b.free(alen - 4 + pad)
             else:
                 return None
             off += alen + pad
         if orig < 0 or off != end:
             return None
-        return cls(" ".join(fmt), hdr_idx, tuple(hdrs), size, orig, reply, u32, tcp, syn,
-                   present)  # fmt: skip
+        return cls(b, size, orig, reply, u32, tcp, tcp_state, present)
 
-    def parse(self, buf: Buffer, start: int) -> Parsed | None:
-        try:
-            v = self._st.unpack_from(buf, start)
-        except struct.error:
+    def parse(self, buf: Buffer, start: int, end: int) -> Parsed | None:
+        if self._match(buf, start, end) is None:
             return None
-        if self._hdr_idx(v) != self._hdrs:
-            return None
+        v = self._unpack(buf, start)
         o = self._orig
-        proto = v[o + 8]
+        proto = v[o + 2]
         if proto not in PORT_PROTOCOLS:
-            return None
-        syn = self._syn
-        if syn >= 0 and v[syn] != _ZERO_SYNPROXY_BODY:
-            return None  # a live synproxy entry: the slow path keeps the attribute
+            return None  # the walk keeps such a tuple raw
+        r = self._reply
+        if r >= 0 and v[r + 2] != proto:
+            return None  # odd reply: the walk decides what to keep of it
         i_status, i_timeout, i_mark, i_id = self._u32
-        status = _from_be(v[i_status]) if i_status >= 0 else 0
-        kind = self.kind
-        key = (_K_V4_PORTS if kind == KEY_V4_PORTS else _K_V6_PORTS).pack(
-            kind, v[o + 3], v[o + 5], proto, v[o + 10], v[o + 12]
-        )
+        status = v[i_status] if i_status >= 0 else 0
+        key = self.key_struct.pack(self.kind, v[o], v[o + 1], proto, v[o + 3], v[o + 4])
         flags = 0
         proto_bytes = b""
         t = self._tcp
         if t >= 0:
             flags = VAL_TCP
-            proto_bytes = _TCP.pack(v[t + 3], v[t + 5], v[t + 7], v[t + 9], v[t + 10], v[t + 12],
-                                    v[t + 13])  # fmt: skip
+            proto_bytes = _TCP.pack(v[t], v[t + 1], v[t + 2], v[t + 3], v[t + 4], v[t + 5],
+                                    v[t + 6])  # fmt: skip
+        elif self._tcp_state >= 0:
+            flags = VAL_TCP
+            proto_bytes = _TCP_STATE_ONLY[v[self._tcp_state]]
         tail = b""
-        r = self._reply
         if r >= 0 and status & _NAT_MASK:
-            if v[r + 8] != proto:
-                return None
-            tail = v[r + 3] + v[r + 5] + v[r + 10] + v[r + 12]
+            tail = v[r] + v[r + 1] + v[r + 3] + v[r + 4]
             flags |= VAL_REPLY
         return (
             key,
             self.present,
             status,
-            _from_be(v[i_timeout]) if i_timeout >= 0 else 0,
-            _from_be(v[i_mark]) if i_mark >= 0 else 0,
-            _from_be(v[i_id]) if i_id >= 0 else 0,
+            v[i_timeout] if i_timeout >= 0 else 0,
+            v[i_mark] if i_mark >= 0 else 0,
+            v[i_id] if i_id >= 0 else 0,
             flags,
             proto_bytes,
             tail,
         )
-
-
-def _from_be(raw: bytes) -> int:
-    return int.from_bytes(raw, "big")
 
 
 def _pack_protoinfo(info: TcpInfo | SctpInfo | DccpInfo) -> tuple[int, bytes]:
