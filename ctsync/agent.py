@@ -26,7 +26,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ctsync.config import Config, GatewayWatch, load_config, read_key
 from ctsync.controller import FailoverController
@@ -303,8 +303,12 @@ class Agent:
             timeout = 1.0 if deadline is None else min(max(deadline - now, 0.0), 1.0)
             self._timer_deadline = now + timeout
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for returns normally when the
+            # event is set just as the task is cancelled, losing the cancel (a stop that
+            # hung until systemd's TimeoutStopSec, found under systemd).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self.session.tick(loop.time())
             self._send()
             duplicates = self.session.stats.duplicate_node_id
@@ -995,30 +999,58 @@ def run_agent(config_path: Path) -> int:
     return 0
 
 
-def setup_logging(fmt: str, level: str) -> None:
+def setup_logging(fmt: str, level: str, stream: TextIO | None = None) -> None:
     """Human-readable lines on a terminal; key=value lines under systemd (no timestamps:
-    the journal adds them); JSON on request."""
+    the journal adds them); JSON on request. Lines going to the journal start with their
+    syslog priority (``<3>`` ...), so that ``journalctl -p err`` finds the errors."""
     import json
     import sys
 
+    out = stream if stream is not None else sys.stderr
     if fmt == "auto":
-        fmt = "text" if sys.stderr.isatty() else "logfmt"
+        fmt = "text" if out.isatty() else "logfmt"
+    priority = _JOURNAL_PRIORITY if stream_is_journal(out) else {}
 
     class _Formatter(logging.Formatter):
         def format(self, record_: logging.LogRecord) -> str:
             message = record_.getMessage()
             if fmt == "json":
-                return json.dumps(
+                line = json.dumps(
                     {"level": record_.levelname.lower(), "logger": record_.name, "msg": message}
                 )
-            if fmt == "logfmt":
+            elif fmt == "logfmt":
                 level = record_.levelname.lower()
-                return f"level={level} logger={record_.name} msg={json.dumps(message)}"
-            return f"{self.formatTime(record_)} {record_.levelname:<7} {record_.name}: {message}"
+                line = f"level={level} logger={record_.name} msg={json.dumps(message)}"
+            else:
+                line = (
+                    f"{self.formatTime(record_)} {record_.levelname:<7} {record_.name}: {message}"
+                )
+            return priority.get(record_.levelno, "") + line
 
-    handler = logging.StreamHandler()
+    handler = logging.StreamHandler(out)
     handler.setFormatter(_Formatter())
     root = logging.getLogger("ctsync")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+# sd-daemon(3) prefixes: the journal reads a line's priority from them (SyslogLevelPrefix=).
+_JOURNAL_PRIORITY = {
+    logging.DEBUG: "<7>",
+    logging.INFO: "<6>",
+    logging.WARNING: "<4>",
+    logging.ERROR: "<3>",
+    logging.CRITICAL: "<2>",
+}
+
+
+def stream_is_journal(stream: TextIO) -> bool:
+    """Whether *stream* is connected to the journal: systemd sets JOURNAL_STREAM to the
+    device and inode of the stream it gave the service (a redirection elsewhere differs)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # no file behind it (a test's capture)
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"

@@ -186,7 +186,8 @@ class FailoverController:
             transition.steps.append(record)
             started = time.monotonic()
             try:
-                await asyncio.wait_for(self._addresses_done.wait(), ADDRESSES_WAIT)
+                async with asyncio.timeout(ADDRESSES_WAIT):  # not wait_for: see Agent._timer
+                    await self._addresses_done.wait()
             except TimeoutError:
                 record.error = f"the speaker did not report within {ADDRESSES_WAIT:.0f}s"
             record.seconds = time.monotonic() - started
@@ -247,7 +248,8 @@ class FailoverController:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         try:
-            return await asyncio.wait_for(asyncio.shield(task), self.commit_wait)
+            async with asyncio.timeout(self.commit_wait):  # not wait_for: see Agent._timer
+                return await asyncio.shield(task)
         except TimeoutError:
             log.warning(
                 "failover: commit still running after commit-wait %.1fs; taking over anyway",

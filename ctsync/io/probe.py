@@ -174,7 +174,8 @@ class IcmpProber:
             self._pending.pop(seq, None)
             return ProbeResult("error", error=_errno_text(exc))
         try:
-            rtt = await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can lose a cancel
+                rtt = await future
         except TimeoutError:
             return ProbeResult("timeout")
         finally:
@@ -256,7 +257,8 @@ class TcpProber:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             _bind(sock, family, self.source, self.interface)
             started = time.perf_counter()
-            await asyncio.wait_for(loop.sock_connect(sock, dest), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can lose a cancel
+                await loop.sock_connect(sock, dest)
             return ProbeResult("ok", time.perf_counter() - started)
         except TimeoutError:
             return ProbeResult("timeout")

@@ -25,7 +25,10 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 IMAGE=${BASE_IMAGE:-ctsync-base:$SUITE}
 CACHE=${DEBOOTSTRAP_CACHE:-/var/cache/ctsync-debootstrap/$SUITE}
 # What the firewall, client and server containers run (Dockerfile: PACKAGES, same list).
-PACKAGES="nftables,conntrack,iproute2,procps,python3,python3-venv,iputils-ping,ca-certificates"
+# systemd is not started by those containers (their entrypoint is ctsync's):
+# tests/e2e/test_systemd_unit.py boots the same image with systemd as PID 1 to run
+# deploy/systemd/ctsync.service (as root, systemctl needs no D-Bus daemon).
+PACKAGES="nftables,conntrack,iproute2,procps,python3,python3-venv,iputils-ping,ca-certificates,systemd"
 
 if docker image inspect "$IMAGE" >/dev/null 2>&1; then
     have=$(docker image inspect -f '{{ index .Config.Labels "org.ctsync.packages" }}' "$IMAGE")
