@@ -259,6 +259,37 @@ class CommitResult:
         self.seconds += other.seconds
 
 
+def with_ack(parts: list[bytes]) -> int:
+    """Ask for an ACK on the last message of a batch (so we know when the kernel is done
+    with it); returns that message's seq."""
+    last = bytearray(parts[-1])
+    flags = struct.unpack_from("=H", last, 6)[0] | nl.NLM_F_ACK
+    struct.pack_into("=H", last, 6, flags)
+    parts[-1] = bytes(last)
+    return int(struct.unpack_from("=I", last, 8)[0])
+
+
+def classify_error(
+    seq: int,
+    err: int,
+    pending: dict[int, tuple[bytes, bytes]],
+    result: CommitResult,
+    retry: list[tuple[bytes, bytes]] | None,
+) -> None:
+    """A refused CT_NEW: a NAT record whose entry exists already (EEXIST, or EOPNOTSUPP:
+    NAT on an update) goes to ``retry`` as a plain update; anything else is a failure."""
+    item = pending.get(seq)
+    if (
+        retry is not None
+        and item is not None
+        and err in (errno.EOPNOTSUPP, errno.EEXIST)
+        and item[1][0] & record.VAL_REPLY
+    ):
+        retry.append(item)
+    else:
+        result.add_error(err)
+
+
 class Committer:
     """Writes entries into the kernel table, many messages per send().
 
@@ -298,20 +329,32 @@ class Committer:
         result = CommitResult()
         started = time.perf_counter()
         retry: list[tuple[bytes, bytes]] = []
-        deferred = result.deferred
-        self._build_batches(
+        self.build_batches(
             records,
             timeout,
             True,
             result,
             lambda b: self._flush_batch(b[0], b[1], result, retry),
-            deferred=deferred,
+            deferred=result.deferred,
         )
+        return self.finish_commit(result, retry, timeout, started, expectations=expectations)
+
+    def finish_commit(
+        self,
+        result: CommitResult,
+        retry: list[tuple[bytes, bytes]],
+        timeout: int | None,
+        started: float,
+        *,
+        expectations: bool = True,
+    ) -> CommitResult:
+        """The end of a commit whose CT_NEWs are sent: the NAT records set aside for
+        ``retry`` go in as updates, then the expectations (unless the caller defers them)."""
         # A NAT create on an entry that exists already is refused (NAT on an update is
         # EOPNOTSUPP): commit those as plain updates of the live entry.
         if retry:
             result.retried_as_update = len(retry)
-            self._build_batches(
+            self.build_batches(
                 retry,
                 timeout,
                 False,
@@ -320,8 +363,8 @@ class Committer:
                 count=False,
             )
         result.committed = result.attempted - result.failed
-        if expectations and deferred:
-            result.add_expectations(self.commit_expectations(deferred))
+        if expectations and result.deferred:
+            result.add_expectations(self.commit_expectations(result.deferred))
             result.deferred = []
         result.seconds = time.perf_counter() - started
         return result
@@ -369,7 +412,7 @@ class Committer:
         if parts:
             self._flush_batch(parts, {}, result, None)
 
-    def _build_batches(
+    def build_batches(
         self,
         records: Iterable[tuple[bytes, bytes]],
         timeout: int | None,
@@ -380,6 +423,9 @@ class Committer:
         count: bool = True,
         deferred: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
+        """Build a CT_NEW per record and hand ``ship`` each batch: its messages and, by
+        seq, the record each one carries. Records that fail to build count as EINVAL;
+        expectation records go to ``deferred`` (when given)."""
         # The per-entry loop is the failover's critical path: keep it to the build call.
         build = commit_codec.commit_message_positional
         batch = self.batch
@@ -423,23 +469,26 @@ class Committer:
         result: CommitResult,
         retry: list[tuple[bytes, bytes]] | None,
     ) -> None:
-        # Set NLM_F_ACK on the last message so we know when the batch is done.
-        last = bytearray(parts[-1])
-        flags = struct.unpack_from("=H", last, 6)[0] | nl.NLM_F_ACK
-        struct.pack_into("=H", last, 6, flags)
-        parts[-1] = bytes(last)
-        last_seq = struct.unpack_from("=I", last, 8)[0]
+        last_seq = with_ack(parts)
         self.sock.sendmsg(parts)
-        self._collect(last_seq, pending, result, retry)
+        for seq, err in self.collect_errors(last_seq):
+            classify_error(seq, err, pending, result, retry)
 
-    def _collect(
-        self,
-        last_seq: int,
-        pending: dict[int, tuple[bytes, bytes]],
-        result: CommitResult,
-        retry: list[tuple[bytes, bytes]] | None,
-    ) -> None:
+    def send_built(self, batch: bytes, first_seq: int, last_seq: int) -> list[tuple[int, int]]:
+        """Send a batch built elsewhere (:func:`with_ack` applied, seqs ``first_seq`` to
+        ``last_seq``); returns ``(seq, errno)`` of every message the kernel refused. A
+        send that fails as a whole counts against every message of the batch."""
+        try:
+            self.sock.send(batch)
+        except OSError as exc:
+            return [(seq, exc.errno or errno.EIO) for seq in range(first_seq, last_seq + 1)]
+        return self.collect_errors(last_seq)
+
+    def collect_errors(self, last_seq: int) -> list[tuple[int, int]]:
+        """Read the replies to a batch up to its ACK (``last_seq``): ``(seq, errno)`` of
+        every refused message."""
         buf = self._buf
+        failed: list[tuple[int, int]] = []
         while True:
             n = self.sock.recv_into(buf)
             for mtype, _f, seq, _pid, start, end in nl.iter_messages(buf, n):
@@ -447,18 +496,9 @@ class Committer:
                     continue
                 err, _ = nl.decode_error(buf, start, end)
                 if err:
-                    item = pending.get(seq)
-                    if (
-                        retry is not None
-                        and item is not None
-                        and err in (errno.EOPNOTSUPP, errno.EEXIST)
-                        and item[1][0] & record.VAL_REPLY
-                    ):
-                        retry.append(item)
-                    else:
-                        result.add_error(err)
+                    failed.append((seq, err))
                 if seq == last_seq:
-                    return
+                    return failed
 
     def delete(self, orig: CtTuple, zone: int | None = None, ct_id: int | None = None) -> bool:
         """Delete one entry; False if it did not exist."""

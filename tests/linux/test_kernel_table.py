@@ -41,7 +41,7 @@ from ctsync.core.entry import (
     make_tuple,
 )
 from ctsync.io import netlink
-from ctsync.io.commit_pool import CHUNK, MIN_SPLIT, CommitPool
+from ctsync.io.commit_pool import MIN_SPLIT, CommitPool
 from ctsync.io.netlink import Committer, KernelTable
 from tests.linux.netns import (
     CLIENT_V4,
@@ -515,10 +515,10 @@ def test_sockets_stay_in_their_namespace(ct_netns: Namespace, empty_ns: Namespac
 # --- two-process commit ------------------------------------------------------------------
 
 
-def test_commit_pool_hands_its_worker_several_chunks(empty_ns: Namespace) -> None:
-    """Both halves in several chunks (the worker's interleaved with ours): every record
-    in, counted once; with the worker gone mid-way the rest is committed here."""
-    entries = [synthetic(i, mark=i % 7) for i in range(6 * CHUNK + 123)]
+def test_commit_pool_pipelines_batches_through_its_worker(empty_ns: Namespace) -> None:
+    """Many batches built here and sent by the worker: every record in, counted once;
+    with the worker gone mid-way, everything is committed here (again: an update)."""
+    entries = [synthetic(i, mark=i % 7) for i in range(8 * MIN_SPLIT + 123)]
     records = [record.from_entry(e) for e in entries]
     with in_netns(empty_ns.name), CommitPool() as pool:
         result = pool.commit_records(records)
@@ -530,7 +530,7 @@ def test_commit_pool_hands_its_worker_several_chunks(empty_ns: Namespace) -> Non
         assert set(kernel_records()) == {k for k, _ in records}
         pool.local.flush()
         assert pool.worker_pid is not None
-        # Kill the worker once it has read its first chunk (a frame of its own).
+        # Stop the worker, let our batches fill the pipe, then kill it.
         os.kill(pool.worker_pid, signal.SIGSTOP)
         threading.Timer(0.05, os.kill, (pool.worker_pid, signal.SIGKILL)).start()
         again = pool.commit_records(records)
@@ -558,3 +558,40 @@ def test_commit_pool_splits_across_a_worker_and_survives_its_death(empty_ns: Nam
         assert (again.committed, again.failed) == (len(entries), 0)
         assert pool.worker_pid is None
         assert netlink.count_entries() == len(entries)
+
+
+NAT_ADDR = bytes([198, 51, 100, 1])
+
+
+def test_commit_pool_maps_the_workers_refusals_back_to_records(empty_ns: Namespace) -> None:
+    """The worker reports refusals by seq; this side maps them to records: NAT creates
+    of entries that exist go in again as updates, anything else counts as failed."""
+    plain = [record.from_entry(synthetic(i)) for i in range(MIN_SPLIT)]
+    natted = []
+    for i in range(MIN_SPLIT):
+        e = synthetic(MIN_SPLIT + i)
+        reply = replace(e.orig.inverted(), dst=NAT_ADDR, dport=20000 + i % 40000)
+        natted.append(record.from_entry(replace(e, reply=reply, status=e.status | Status.SRC_NAT)))
+    unknown_helper = record.from_entry(replace(synthetic(3 * MIN_SPLIT), helper="ctsync-none"))
+    records = [*plain, *natted, unknown_helper]
+    with in_netns(empty_ns.name), CommitPool() as pool:
+        assert pool.worker_pid is not None, "this test needs the forked worker (2 CPUs)"
+        first = pool.commit_records(records)
+        assert (first.attempted, first.committed, first.failed) == (
+            len(records),
+            len(records) - 1,
+            1,
+        )
+        assert first.retried_as_update == 0
+        again = pool.commit_records(records)
+        assert pool.worker_pid is not None  # refusals are answers, not a dead worker
+        assert (again.committed, again.failed, again.retried_as_update) == (
+            len(records) - 1,
+            1,
+            MIN_SPLIT,
+        )
+        assert sum(again.errors.values()) == 1
+        dumped = {e.orig: e for e in netlink.dump_table()}
+    for key, value in natted:  # the NAT binding from the first commit is in place
+        reply = dumped[record.to_entry(key, value).orig].reply
+        assert reply is not None and reply.dst == NAT_ADDR
