@@ -72,6 +72,7 @@ log = logging.getLogger("ctsync.agent")
 
 # How long kernel changes may wait to share a datagram with the next ones (seconds).
 FLUSH_DELAY = 0.001
+_LIST_SLICE = 5000  # cache entries listed between two yields to the event loop
 # Full transfers and repairs: one line each time (they are rare), with the total.
 _TRANSFER_EVENTS = (
     ("bulk_sent", "sent a full transfer of the internal cache"),
@@ -552,25 +553,38 @@ class Agent:
             if self.config.sync.expect_sync:  # a scan: only when there can be any
                 total -= sum(cache.count_expectations() for _, cache in caches)
             return {"count": total, "entries": []}
+        # "records": the raw records, hex-encoded, for the CLI to decode and render; the
+        # agent's own cost is then ~1 us per entry instead of ~30 (the default, "entries",
+        # returns decoded JSON entries). Either way the loop yields every _LIST_SLICE
+        # entries: listing 100k entries must not stall event reading and sync.
+        as_records = args.get("format") == "records"
+        count_only = bool(args.get("count"))
         count = 0
-        out: list[dict[str, Any]] = []
+        out: list[Any] = []
         for node, cache in caches:
-            for key, value in cache.items():
+            for index, (key, value) in enumerate(cache.items()):
+                if index % _LIST_SLICE == _LIST_SLICE - 1:
+                    await asyncio.sleep(0)
                 if expect.is_expectation_key(key):
                     continue  # listed with table=expect
-                try:
-                    entry = record.to_entry(key, value)
-                except CtnetlinkError:
-                    continue
-                if not selector.matches(entry):
-                    continue
+                if not selector.is_empty or not as_records:
+                    try:
+                        entry = record.to_entry(key, value)
+                    except CtnetlinkError:
+                        continue
+                    if not selector.matches(entry):
+                        continue
                 count += 1
-                if not args.get("count"):
+                if count_only:
+                    continue
+                if as_records:
+                    out.append([node, key.hex(), value.hex()])
+                else:
                     item = entry_to_json(entry)
                     if node is not None:
                         item["peer"] = node
                     out.append(item)
-        return {"count": count, "entries": out}
+        return {"count": count, "records" if as_records else "entries": out}
 
     @staticmethod
     def _expectations(caches: list[tuple[int | None, Cache]], count_only: bool) -> dict[str, Any]:

@@ -220,15 +220,38 @@ def show_cache(
     args = {"which": which, "filter": selector.to_args(), "count": count}
     if expect:
         args["table"] = "expect"
+    else:
+        args["format"] = "records"  # decoded here, not in the agent (see Agent.cmd_cache)
     result = call_agent(socket_path, "cache", args)
     if count:
         click.echo(str(result["count"]))
-    elif as_json:
-        click.echo(_json(result["entries"]))
+        return
+    entries = result["entries"] if expect else _decode_records(result["records"])
+    if as_json:
+        click.echo(_json(entries))
     elif expect:
-        click.echo(render_expect_lines(result["entries"]), nl=False)
+        click.echo(render_expect_lines(entries), nl=False)
     else:
-        click.echo(render_cache_lines(result["entries"]), nl=False)
+        click.echo(render_cache_lines(entries), nl=False)
+
+
+def _decode_records(records: list[list[Any]]) -> list[dict[str, Any]]:
+    """The agent's hex records as the JSON entries ``show cache --json`` prints."""
+    from ctsync.core import record
+    from ctsync.core.ctnetlink import CtnetlinkError
+    from ctsync.core.entry import entry_to_json
+
+    out = []
+    for node, key, value in records:
+        try:
+            entry = record.to_entry(bytes.fromhex(key), bytes.fromhex(value))
+        except (CtnetlinkError, ValueError):
+            continue  # the agent skips undecodable records too
+        item = entry_to_json(entry)
+        if node is not None:
+            item["peer"] = node
+        out.append(item)
+    return out
 
 
 def _json(obj: Any) -> str:

@@ -1,5 +1,6 @@
-"""The agent's lifecycle around systemd: its timer task stops when cancelled, even right
-after it was woken, and its log lines carry priorities for the journal.
+"""The agent on a real event loop, without sockets: its timer task stops when cancelled,
+even right after it was woken; its log lines carry priorities for the journal; listing a
+large cache yields to the loop, and the CLI's record format decodes to the same entries.
 
 Python 3.11's asyncio.wait_for returns normally when the awaited event is set just as
 the task is cancelled, and the cancel is lost: the timer loop went on and the agent's
@@ -79,3 +80,46 @@ def test_log_lines_to_the_journal_carry_their_priority(
             ]
         else:
             assert lines[0].startswith("level=error") and len(lines) == 2
+
+
+def test_cache_listing_as_records_decodes_to_the_same_entries() -> None:
+    """`show cache` asks for hex records and decodes them itself (the agent's cost per
+    entry is then a hex encode): the CLI prints what the agent's own decoding gives, with
+    and without a filter, and the agent yields to its loop while it lists."""
+    from ctsync.cli.agent_cmds import _decode_records
+    from ctsync.core import record
+    from ctsync.core.entry import IPPROTO_TCP, IPPROTO_UDP, Entry, TcpInfo, make_tuple
+
+    agent = Agent(loads_config(CONFIG), key=None)
+    for i in range(12000):  # more than two listing slices
+        proto = IPPROTO_TCP if i % 3 else IPPROTO_UDP
+        orig = make_tuple(f"192.0.2.{i % 200 + 1}", "203.0.113.7", proto, 1024 + i, 443)
+        info = TcpInfo(3) if proto == IPPROTO_TCP else None
+        agent.internal.put(*record.from_entry(Entry(orig, status=14, timeout=60, protoinfo=info)))
+
+    async def listing(args: dict[str, object]) -> dict[str, object]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.get_running_loop().create_task(ticker())
+        await asyncio.sleep(0)
+        try:
+            result = await agent.cmd_cache(args)
+        finally:
+            task.cancel()
+        result["ticks"] = ticks
+        return result
+
+    for selection in ({}, {"proto": "udp"}):
+        base = {"which": "internal", "filter": selection}
+        entries = asyncio.run(listing(base))
+        records = asyncio.run(listing({**base, "format": "records"}))
+        assert records["count"] == entries["count"] == len(entries["entries"])  # type: ignore[arg-type]
+        assert _decode_records(records["records"]) == entries["entries"]  # type: ignore[arg-type]
+        assert records["ticks"] >= 2 and entries["ticks"] >= 2  # type: ignore[operator]
+    assert entries["count"] == 4000
