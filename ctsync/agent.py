@@ -484,8 +484,9 @@ class Agent:
             "bulk-send": self.cmd_bulk_send,
             "failover": self.cmd_failover,
         }
+        inline = {"statistics", "counts", "status"}  # cheap, never wait: answered at once
         for name, handler in handlers.items():
-            self.control.register(name, handler)
+            self.control.register(name, handler, inline=name in inline)
 
     async def cmd_statistics(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.snapshot().to_dict()

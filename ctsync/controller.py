@@ -185,7 +185,10 @@ class FailoverController:
             record = StepRecord(Step.ADDRESSES.value, time.time())
             transition.steps.append(record)
             started = time.monotonic()
-            if not await _event_within(self._addresses_done, ADDRESSES_WAIT):
+            try:
+                async with asyncio.timeout(ADDRESSES_WAIT):  # not wait_for: see Agent._timer
+                    await self._addresses_done.wait()
+            except TimeoutError:
                 record.error = f"the speaker did not report within {ADDRESSES_WAIT:.0f}s"
             record.seconds = time.monotonic() - started
             planned = transition.planned
@@ -244,17 +247,15 @@ class FailoverController:
         task = asyncio.get_running_loop().create_task(self.ops.commit())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        # asyncio.wait: it never cancels the commit, and works where this runs first, in
-        # the control socket's handler before it becomes a task (asyncio.timeout needs
-        # one; wait_for can lose a cancel on 3.11, see Agent._timer).
-        done, _ = await asyncio.wait({task}, timeout=self.commit_wait)
-        if task in done:
-            return task.result()
-        log.warning(
-            "failover: commit still running after commit-wait %.1fs; taking over anyway",
-            self.commit_wait,
-        )
-        return {"timed_out": True}
+        try:
+            async with asyncio.timeout(self.commit_wait):  # not wait_for: see Agent._timer
+                return await asyncio.shield(task)
+        except TimeoutError:
+            log.warning(
+                "failover: commit still running after commit-wait %.1fs; taking over anyway",
+                self.commit_wait,
+            )
+            return {"timed_out": True}
 
     # --- status -------------------------------------------------------------------------------
 
@@ -264,14 +265,3 @@ class FailoverController:
             "state": None if self.role is None else self.role.value,
             "transitions": [t.to_dict() for t in self.transitions],
         }
-
-
-async def _event_within(event: asyncio.Event, timeout: float) -> bool:
-    """Whether ``event`` is set within ``timeout`` seconds (see _bounded_commit on why not
-    wait_for or asyncio.timeout)."""
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        done, _ = await asyncio.wait({waiter}, timeout=timeout)
-    finally:
-        waiter.cancel()
-    return waiter in done

@@ -111,11 +111,12 @@ class ControlServer:
     streams: a monitoring client may poll a cheap command every few milliseconds while the
     agent is busiest, and streams cost a task, a reader and a writer per connection. A
     request that has arrived by the time its connection is accepted (the usual case: the
-    client sends right after ``connect``) is read at once; its handler runs at once until
-    it first suspends (as an eager task would), so a handler that never awaits anything
-    (``counts``, ``statistics``) is answered within the accept callback. A handler that
-    does suspend continues as a task. Handlers therefore must not rely on
-    ``asyncio.current_task()`` before their first ``await``.
+    client sends right after ``connect``) is read at once. A handler registered ``inline``
+    (``counts``, ``statistics``: cheap and never waiting) then runs at once until it first
+    suspends (as an eager task would), so it is answered within the accept callback, and
+    continues as a task only if it does suspend; before that first ``await`` there is no
+    current task. Every other handler runs in a task of its own from the start, so it may
+    use what needs one (``asyncio.timeout``, ``asyncio.current_task()``).
     """
 
     def __init__(
@@ -132,16 +133,21 @@ class ControlServer:
         self.request_timeout = request_timeout
         self.stats = ControlStats()
         self._handlers: dict[str, Handler] = {}
+        self._inline: set[str] = set()
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inode: tuple[int, int] | None = None
         self._conns: set[_Connection] = set()  # waiting for their request or their reply
-        self._tasks: set[asyncio.Task[None]] = set()  # handlers that suspended
+        self._tasks: set[asyncio.Task[None]] = set()  # handlers running as tasks
 
-    def register(self, name: str, handler: Handler) -> None:
+    def register(self, name: str, handler: Handler, *, inline: bool = False) -> None:
+        """``inline``: run the handler's first step in the accept callback, outside any
+        task (for cheap commands polled often; see the class doc)."""
         if name in self._handlers:
             raise ValueError(f"command {name!r} already registered")
         self._handlers[name] = handler
+        if inline:
+            self._inline.add(name)
 
     @property
     def commands(self) -> list[str]:
@@ -271,25 +277,25 @@ class ControlServer:
         except Exception as exc:  # the handler failed before it even started
             conn.reply(self._failure(request.command, exc))
             return
-        try:
-            first = coro.send(None)
-        except StopIteration as done:
-            conn.reply(self._result(request.command, done.value))
-            return
-        except Exception as exc:
-            conn.reply(self._failure(request.command, exc))
-            return
-        # It waits for something: continue it as a task, from where it stopped.
+        rest: Awaitable[Any] = coro
+        if request.command in self._inline:
+            try:
+                first = coro.send(None)
+            except StopIteration as done:
+                conn.reply(self._result(request.command, done.value))
+                return
+            except Exception as exc:
+                conn.reply(self._failure(request.command, exc))
+                return
+            rest = _resume(coro, first)  # it waits for something: on from where it stopped
         assert self._loop is not None
-        task = self._loop.create_task(self._finish(conn, request.command, coro, first))
+        task = self._loop.create_task(self._finish(conn, request.command, rest))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _finish(
-        self, conn: _Connection, command: str, coro: Coroutine[Any, Any, Any], first: Any
-    ) -> None:
+    async def _finish(self, conn: _Connection, command: str, rest: Awaitable[Any]) -> None:
         try:
-            result = await _resume(coro, first)
+            result = await rest
         except Exception as exc:
             conn.reply(self._failure(command, exc))
         else:

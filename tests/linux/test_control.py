@@ -282,7 +282,7 @@ def test_stale_socket_is_replaced_and_other_files_are_not(sock_dir: Path) -> Non
 
 
 def test_waiting_handlers_large_replies_and_concurrent_requests(sock_dir: Path) -> None:
-    """Handlers run at once until they first wait; one that waits continues as a task
+    """Inline handlers run at once until they first wait; one that waits continues as a task
     (results, CommandError and crashes after the wait are answered as before) while
     other requests are served; a reply larger than the socket buffer reaches a slow
     reader whole."""
@@ -318,10 +318,11 @@ def test_waiting_handlers_large_replies_and_concurrent_requests(sock_dir: Path) 
             return size
 
     async def body(server: ControlServer) -> None:
-        server.register("slow", slow)
-        server.register("slow_fail", slow_fail)
-        server.register("slow_crash", slow_crash)
-        server.register("large", large)
+        # inline: the first step runs in the accept callback, the rest as a task
+        server.register("slow", slow, inline=True)
+        server.register("slow_fail", slow_fail, inline=True)
+        server.register("slow_crash", slow_crash, inline=True)
+        server.register("large", large, inline=True)
         pending = asyncio.ensure_future(asyncio.to_thread(call, path, "slow", {"n": 1}))
         await asyncio.sleep(0.1)
         assert not pending.done()
@@ -340,5 +341,26 @@ def test_waiting_handlers_large_replies_and_concurrent_requests(sock_dir: Path) 
         reply = await asyncio.to_thread(call, path, "large")
         assert reply == {"blob": big}
         assert server.stats.requests == 6
+
+    run_with_server(path, body)
+
+
+def test_handlers_run_in_a_task_unless_inline(sock_dir: Path) -> None:
+    """A handler not registered inline runs in a task from its first line, so it may use
+    asyncio.timeout (which needs one); an inline one has none before it first waits."""
+    path = sock_dir / "ctsync.sock"
+
+    async def timed(args: dict[str, Any]) -> Any:
+        async with asyncio.timeout(5):
+            return {"task": asyncio.current_task() is not None}
+
+    async def eager(args: dict[str, Any]) -> Any:
+        return {"task": asyncio.current_task() is not None}
+
+    async def body(server: ControlServer) -> None:
+        server.register("timed", timed)
+        server.register("eager", eager, inline=True)
+        assert await asyncio.to_thread(call, path, "timed") == {"task": True}
+        assert await asyncio.to_thread(call, path, "eager") == {"task": False}
 
     run_with_server(path, body)
