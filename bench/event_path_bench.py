@@ -31,21 +31,11 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-HARNESS = Path(os.environ.get("HARNESS", "/work/shared/bench/conntrackd_bench.py"))
 
-
-def _harness() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("conntrackd_bench", HARNESS)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ctnetlink_bench import harness  # noqa: E402 (this directory: the shared harness, loaded once)
 
 
 def _fill(cb, start: int, n: int) -> None:  # type: ignore[no-untyped-def]
@@ -107,7 +97,7 @@ def child(entries: int, reps: int) -> None:
     from ctsync.core.wire import Authenticator
     from ctsync.io import netlink
 
-    cb = _harness()
+    cb = harness()
     netlink.set_conntrack_events(True)
     sock = netlink.open_socket(netlink.CT_GROUPS, 512 << 20)
     _fill(cb, 0, entries)

@@ -30,7 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-HARNESS = os.environ.get("HARNESS", "/work/shared/bench/conntrackd_bench.py")
+
+from ctnetlink_bench import SHARED_HARNESS, harness_entry  # noqa: E402 (this directory)
+
 RULES = """table inet ctfloor {
   chain forward {
     type filter hook forward priority filter; policy accept;
@@ -41,7 +43,8 @@ RULES = """table inet ctfloor {
 
 
 def _writer(ns: str, start: int, n: int) -> subprocess.Popen[str]:
-    cmd = ["ip", "netns", "exec", ns, sys.executable, HARNESS, "writer", "--mode", "fill"]
+    cmd = ["ip", "netns", "exec", ns, sys.executable, str(SHARED_HARNESS), "writer", "--mode"]
+    cmd.append("fill")
     return subprocess.Popen(
         [*cmd, "--n", str(n), "--start", str(start)], stdout=subprocess.PIPE, text=True
     )
@@ -77,22 +80,10 @@ def writers(ns: str, n: int, reps: int) -> dict[str, list[float]]:
 
 def prebuilt_child(n: int, reps: int) -> None:
     """Runs inside the namespace: ctsync's messages for the harness's entries."""
-    import importlib.util
-
     from ctsync.core import commit, record
-    from ctsync.core.entry import AF_INET, CtTuple, Entry, TcpInfo
     from ctsync.io import netlink
 
-    spec = importlib.util.spec_from_file_location("conntrackd_bench", HARNESS)
-    assert spec is not None and spec.loader is not None
-    cb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cb)
-    records = []
-    for i in range(n):
-        _fam, src, dst, sport, dport = cb.key_fields(i, 4)
-        orig = CtTuple(AF_INET, 6, src, dst, sport, dport)
-        entry = Entry(orig, orig.inverted(), status=0xE, timeout=3600, protoinfo=TcpInfo(3))
-        records.append(record.from_entry(entry))
+    records = [record.from_entry(harness_entry(i)) for i in range(n)]
     messages = [
         commit.commit_message_positional(k, v, seq, None, commit.COMMIT_FLAGS, True)
         for seq, (k, v) in enumerate(records, 1)
