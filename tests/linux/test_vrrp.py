@@ -73,8 +73,16 @@ class Pair:
         self.ka = KeepalivedNode(site.ka_ns, tmp / "ka", [ka])
         self.ct = CtsyncNode(site.ct_ns, tmp / "ct", [ct])
         self.vip = ka.vip
+        self.params = {"ka": ka, "ct": ct}
         self.macs = site.macs()
         self.ct_final: dict[str, object] | None = None  # status at ctsync's last stop
+
+    def ct_master_ka_backup(self) -> None:
+        """ctsync starts and takes the VIP; then keepalived joins as its backup."""
+        self.ct.start()
+        self.wait_holder("ct", self.params["ct"].down() + 3)
+        self.ka.start()
+        time.sleep(2 * self.params["ka"].down())
 
     def node(self, role: str) -> KeepalivedNode | CtsyncNode:
         return self.ka if role == "ka" else self.ct
@@ -292,10 +300,7 @@ def test_link_down_faults_and_recovers(site: VrrpSite, tmp_path: Path) -> None:
     ka = VrrpParams(3, 4, 100, 0.1)
     ct = VrrpParams(3, 4, 200, 0.1)
     pair = Pair(site, tmp_path, ka, ct)
-    pair.ct.start()
-    pair.wait_holder("ct", ct.down() + 3)
-    pair.ka.start()
-    time.sleep(2 * ka.down())
+    pair.ct_master_ka_backup()
     assert site.holders(pair.vip) == ["ct"], pair.describe()
 
     start = time.monotonic()
@@ -322,10 +327,7 @@ def test_recreated_interface_gets_new_sockets(site: VrrpSite, tmp_path: Path) ->
     ka = VrrpParams(3, 4, 100, 0.1)
     ct = VrrpParams(3, 4, 200, 0.1)
     pair = Pair(site, tmp_path, ka, ct)
-    pair.ct.start()
-    pair.wait_holder("ct", ct.down() + 3)
-    pair.ka.start()
-    time.sleep(2 * ka.down())
+    pair.ct_master_ka_backup()
 
     start = time.monotonic()
     site.ct_ns.ip("link", "del", VRRP_IF)  # the switch's end goes with it

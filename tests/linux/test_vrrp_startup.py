@@ -140,10 +140,7 @@ def test_source_address_removed_faults(site: VrrpSite, tmp_path: Path) -> None:
     ka = VrrpParams(3, 4, 100, 0.1)
     ct = VrrpParams(3, 4, 200, 0.1)
     pair = Pair(site, tmp_path, ka, ct)
-    pair.ct.start()
-    pair.wait_holder("ct", ct.down() + 3)
-    pair.ka.start()
-    time.sleep(2 * ka.down())
+    pair.ct_master_ka_backup()
     assert site.holders(pair.vip) == ["ct"], describe(pair)
 
     start = time.monotonic()
